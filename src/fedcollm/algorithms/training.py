@@ -1,0 +1,136 @@
+"""The pure training steps of FedCoLLM: client SFT and server mutual distillation (no transport inside).
+
+Every unit of work re-seeds torch from (seed, round, role), so the same unit gives the same result whether
+it runs in one go, after a resume, or on another engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fedcollm.data.batching import AnswerBatch, SFTData, answer_logits
+from fedcollm.distill.losses import answer_ce, mutual_losses
+from fedcollm.models.lora import AdapterState, adapter_state, load_adapter_state
+
+
+def unit_seed(seed: int, round_idx: int, role: int) -> int:
+    """Distinct reproducible seed per (run seed, round, role); role -1 is the server."""
+    return (seed * 1_000_003 + round_idx * 1_009 + role + 7) % (2**31)
+
+
+def cycle_batches(data: SFTData, batch_size: int, seed: int):
+    """Endless seeded shuffled batches: epoch after epoch with a fresh permutation each."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield from data.batches(batch_size, gen)
+
+
+def _trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _adamw(model, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(_trainable(model), lr=lr, weight_decay=0.0)
+
+
+@dataclass
+class StepLog:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / max(len(self.losses), 1)
+
+
+def sft_steps(model, data: SFTData, steps: int, lr: float, batch_size: int, seed: int) -> StepLog:
+    """`steps` AdamW steps of answer-token cross-entropy on the model's trainable (LoRA) parameters."""
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    opt = _adamw(model, lr)
+    model.train()
+    log = StepLog()
+    t0 = time.perf_counter()
+    batches = cycle_batches(data, batch_size, seed)
+    for _ in range(steps):
+        batch = next(batches).to(device)
+        loss = answer_ce(answer_logits(model, batch), batch.targets, batch.target_mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.losses.append(loss.item())
+    model.eval()
+    log.seconds = time.perf_counter() - t0
+    return log
+
+
+def client_update(model, global_state: AdapterState, data: SFTData, epochs: int, lr: float, batch_size: int,
+                  seed: int) -> tuple[AdapterState, int, StepLog]:
+    """Client k: start from the broadcast theta, E epochs of task-loss SFT, return (theta_k, n_k, log)."""
+    load_adapter_state(model, global_state)
+    log = sft_steps(model, data, epochs * data.steps_per_epoch(batch_size), lr, batch_size, seed)
+    return adapter_state(model), len(data), log
+
+
+@dataclass
+class DistillLog(StepLog):
+    stats: list[dict[str, float]] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def mutual_distill_step(llm, slm, batch: AnswerBatch, opt_f, opt_g, kd_weight: float, temperature: float,
+                        direction: str, top_k: int) -> dict[str, float]:
+    """One step of Eq. 5-6: each model's logits computed once and used for its CE and both KL directions."""
+    llm_logits, slm_logits = answer_logits(llm, batch), answer_logits(slm, batch)
+    loss_f, loss_g, stats = mutual_losses(llm_logits, slm_logits, batch.targets, batch.target_mask, kd_weight,
+                                          temperature, direction, top_k)
+    opt_f.zero_grad(set_to_none=True)
+    opt_g.zero_grad(set_to_none=True)
+    (loss_f + loss_g).backward()  # targets are detached: L^f reaches only omega, L^g only theta
+    opt_f.step()
+    opt_g.step()
+    return stats
+
+
+def mutual_distill(llm, slm, aux: SFTData, steps: int, kd_weight: float, temperature: float, direction: str,
+                   top_k: int, llm_lr: float, slm_lr: float, batch_size: int, seed: int) -> DistillLog:
+    """Server side of a round: R steps of mutual knowledge distillation on D^a, updating omega and theta."""
+    torch.manual_seed(seed)
+    device = next(llm.parameters()).device
+    opt_f, opt_g = _adamw(llm, llm_lr), _adamw(slm, slm_lr)
+    llm.train()
+    slm.train()
+    log = DistillLog()
+    t0 = time.perf_counter()
+    batches = cycle_batches(aux, batch_size, seed)
+    for _ in range(steps):
+        batch = next(batches).to(device)
+        ts = time.perf_counter()
+        stats = mutual_distill_step(llm, slm, batch, opt_f, opt_g, kd_weight, temperature, direction, top_k)
+        log.step_seconds.append(time.perf_counter() - ts)
+        log.stats.append(stats)
+        log.losses.append(stats["ce_f"] + stats["ce_g"] + kd_weight * (stats["kl_f"] + stats["kl_g"]))
+    llm.eval()
+    slm.eval()
+    log.seconds = time.perf_counter() - t0
+    return log
+
+
+def time_fwd_bwd(model, data: SFTData, batch_size: int, steps: int, seed: int) -> float:
+    """Mean seconds of one plain forward+backward (answer CE) on the batches a distillation step would see."""
+    device = next(model.parameters()).device
+    batches = cycle_batches(data, batch_size, seed)
+    model.train()
+    times = []
+    for i in range(steps + 1):  # the first pass warms up allocations and is not counted
+        batch = next(batches).to(device)
+        t0 = time.perf_counter()
+        answer_ce(answer_logits(model, batch), batch.targets, batch.target_mask).backward()
+        if i:
+            times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    model.eval()
+    return sum(times) / len(times)

@@ -1,0 +1,86 @@
+"""Turn (context, continuation) pairs into left-padded token batches that score only answer tokens.
+
+Left padding puts every continuation at the end of its row, so the model's `logits_to_keep` computes the
+vocabulary projection only for the answer positions: the same batch serves SFT (CE on the answer), the
+distillation KL (over answer tokens) and multiple-choice scoring (sum of answer log-probs).
+Tokenization follows lm-evaluation-harness: continuation tokens = enc(context + continuation)[len(enc(context)):].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedcollm.data.tasks import MCExample
+
+
+@dataclass
+class AnswerBatch:
+    input_ids: torch.Tensor  # [B, L], left-padded
+    attention_mask: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L]
+    targets: torch.Tensor  # [B, K]: the last K input tokens
+    target_mask: torch.Tensor  # [B, K]: 1 on each row's continuation tokens
+
+    @property
+    def keep(self) -> int:
+        return self.targets.shape[1]
+
+    def to(self, device) -> "AnswerBatch":
+        return AnswerBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
+                                                     self.targets, self.target_mask)))
+
+
+def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], int]:
+    """Token ids of context+continuation (left-truncated to max_length) and the continuation's token count."""
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    n_cont = len(whole) - len(ctx)
+    if n_cont <= 0 or whole[:len(ctx)] != ctx:  # tokenizer merged across the boundary: encode apart
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        whole, n_cont = ctx + cont, len(cont)
+    n_cont = min(n_cont, max_length - 1)
+    return whole[-max_length:], n_cont
+
+
+def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> AnswerBatch:
+    length = max(len(ids) for ids, _ in encoded)
+    keep = max(n for _, n in encoded)
+    B = len(encoded)
+    input_ids = torch.full((B, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, length), dtype=torch.long)
+    target_mask = torch.zeros((B, keep), dtype=torch.long)
+    for i, (ids, n_cont) in enumerate(encoded):
+        input_ids[i, length - len(ids):] = torch.tensor(ids)
+        attention_mask[i, length - len(ids):] = 1
+        target_mask[i, keep - n_cont:] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return AnswerBatch(input_ids, attention_mask, position_ids, input_ids[:, -keep:].clone(), target_mask)
+
+
+def answer_logits(model, batch: AnswerBatch) -> torch.Tensor:
+    """Float logits [B, K, V] predicting the last K tokens (the continuation positions)."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                logits_to_keep=batch.keep + 1)
+    return out.logits[:, :-1].float()
+
+
+class SFTData:
+    """Pre-tokenized (question, gold answer) pairs of one shard; yields seeded shuffled AnswerBatches."""
+
+    def __init__(self, examples: list[MCExample], tokenizer, max_length: int):
+        self.examples = examples
+        self.encoded = [encode_pair(tokenizer, ex.context, ex.continuation(ex.answer), max_length) for ex in examples]
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batches(self, batch_size: int, generator: torch.Generator):
+        order = torch.randperm(len(self.encoded), generator=generator).tolist()
+        for s in range(0, len(order), batch_size):
+            yield collate([self.encoded[i] for i in order[s:s + batch_size]], self.pad_id)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self.encoded) // batch_size)

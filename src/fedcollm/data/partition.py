@@ -1,0 +1,70 @@
+"""Cut the tasks' train splits into the server's auxiliary set D^a and K client shards (seeded)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcollm.config import DataConfig
+from fedcollm.data.tasks import MCExample, load_task
+
+
+@dataclass
+class FederatedSplit:
+    aux: list[MCExample]
+    clients: list[list[MCExample]]
+
+    def describe(self) -> str:
+        sizes = ", ".join(str(len(c)) for c in self.clients)
+        return f"D^a: {len(self.aux)} examples; client shards: [{sizes}]"
+
+
+def load_train_pool(cfg: DataConfig, seed: int) -> dict[str, list[MCExample]]:
+    rng = random.Random(seed)
+    pool = {}
+    for task in cfg.tasks:
+        examples = load_task(cfg.data_dir, task, "train")
+        rng.shuffle(examples)
+        pool[task] = examples[:cfg.train_per_task] if cfg.train_per_task else examples
+    return pool
+
+
+def _even_chunks(items: list, n: int) -> list[list]:
+    return [items[i::n] for i in range(n)]
+
+
+def partition(pool: dict[str, list[MCExample]], n_clients: int, cfg: DataConfig, seed: int) -> FederatedSplit:
+    rng = random.Random(seed + 1)
+    aux, rest = [], {}
+    for task, examples in pool.items():  # every task contributes aux_fraction of its examples to D^a
+        n_aux = round(len(examples) * cfg.aux_fraction)
+        aux += examples[:n_aux]
+        rest[task] = examples[n_aux:]
+    rng.shuffle(aux)
+    clients: list[list[MCExample]] = [[] for _ in range(n_clients)]
+    if cfg.partition == "iid":
+        everything = [ex for examples in rest.values() for ex in examples]
+        rng.shuffle(everything)
+        clients = _even_chunks(everything, n_clients)
+    elif cfg.partition == "dirichlet":
+        np_rng = np.random.default_rng(seed + 2)
+        for examples in rest.values():
+            shares = np_rng.dirichlet([cfg.dirichlet_alpha] * n_clients)
+            cuts = (np.cumsum(shares)[:-1] * len(examples)).round().astype(int)
+            for k, part in enumerate(np.split(np.arange(len(examples)), cuts)):
+                clients[k] += [examples[i] for i in part]
+    else:  # "task": each client holds one task (tasks shared out when clients outnumber them)
+        tasks = list(rest)
+        for t, task in enumerate(tasks):
+            owners = [k for k in range(n_clients) if k % len(tasks) == t] or [t % n_clients]
+            for k, chunk in zip(owners, _even_chunks(rest[task], len(owners))):
+                clients[k] += chunk
+    for shard in clients:
+        rng.shuffle(shard)
+    empty = [k for k, shard in enumerate(clients) if not shard]
+    if empty:
+        raise ValueError(f"data.partition={cfg.partition!r} left client(s) {empty} without examples; "
+                         f"use more data, fewer clients or a larger data.dirichlet_alpha")
+    return FederatedSplit(aux=aux, clients=clients)

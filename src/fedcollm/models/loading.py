@@ -1,0 +1,105 @@
+"""Load causal LMs from a registry name, a local HF directory, a GGUF file or a hub id.
+
+GGUF weights are dequantized once and cached as safetensors under `$FEDCOLLM_CACHE/models/`, so later
+loads take seconds instead of the 15-60 s a GGUF dequantization costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from fedcollm.models.registry import REGISTRY, resolve_gguf
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDCOLLM_CACHE", Path.home() / ".cache" / "fedcollm"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 matmuls are fast only with native instructions (avx512_bf16 / AMX); emulated they are slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    return table[dtype]
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF file with transformers and save plain safetensors + tokenizer into `target`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once) in %s", gguf_path.name, target)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The dequantized weights are plain tensors, but transformers marks the model as GGUF-quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def materialize(spec: str) -> Path | str:
+    """A local directory (or hub id) that `from_pretrained` can read for model `spec`."""
+    path = Path(spec).expanduser()
+    if spec in REGISTRY:
+        target = cache_dir() / "models" / spec
+        if not (target / "config.json").exists():
+            gguf = resolve_gguf(spec, cache_dir() / "gguf")
+            _convert_gguf(gguf, target)
+        return target
+    if path.is_file() and path.suffix == ".gguf":
+        target = cache_dir() / "models" / f"gguf-{path.stem}-{path.stat().st_size}"
+        if not (target / "config.json").exists():
+            _convert_gguf(path, target)
+        return target
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+        return path
+    if path.suffix == ".gguf" or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model path {spec} does not exist")
+    return spec  # a hub id; works only where a hub is reachable
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(materialize(spec))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(materialize(spec), dtype=dtype)
+    return model.to(device).eval()

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random Llama pair, a tiny tokenizer trained on a real data slice, a tiny config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedcollm.config import Config
+from fedcollm.data.tasks import load_task
+from fedcollm.models.tiny import tiny_pair, tiny_tokenizer
+
+DATA_DIR = os.environ.get("FEDCOLLM_DATA", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    if not Path(DATA_DIR, "arc_easy", "train.jsonl").exists():
+        pytest.fail(f"real data not found at {DATA_DIR}; set FEDCOLLM_DATA")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tokenizer(data_dir):
+    texts = []
+    for task in ("arc_easy", "openbookqa"):
+        for ex in load_task(data_dir, task, "train")[:300]:
+            texts.append(ex.context + " " + " ".join(ex.choices))
+    return tiny_tokenizer(texts)
+
+
+@pytest.fixture
+def models():
+    return tiny_pair(seed=0)
+
+
+def tiny_config(data_dir: str, out_dir: str = "runs/test", **sections) -> Config:
+    base = {
+        "model": {"llm": "tiny", "slm": "tiny", "dtype": "fp32", "device": "cpu", "max_length": 64,
+                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "data": {"data_dir": data_dir, "tasks": ["arc_easy"], "train_per_task": 40, "eval_limit": 6},
+        "federation": {"clients": 3, "rounds": 2, "local_epochs": 1, "batch_size": 4, "client_lr": 1e-2},
+        "distill": {"steps": 3, "batch_size": 4, "llm_lr": 1e-2, "slm_lr": 1e-2},
+        "run": {"methods": ["fedcollm"], "out_dir": out_dir, "eval_batch_size": 16},
+    }
+    for section, values in sections.items():
+        base[section] = {**base.get(section, {}), **values}
+    return Config.from_dict(base)
+
+
+@pytest.fixture
+def make_workbench(data_dir, tokenizer):
+    from fedcollm.workbench import Workbench
+
+    def make(out_dir: str = "runs/test", **sections):
+        llm, slm = tiny_pair(seed=0)
+        return Workbench.from_models(tiny_config(data_dir, out_dir, **sections), llm, slm, tokenizer)
+
+    return make

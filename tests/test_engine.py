@@ -1,0 +1,99 @@
+import json
+
+import torch
+
+from fedcollm.comm import Payload, pack, states_equal, unpack
+from fedcollm.engines.inprocess import SimulatedClient, run_method
+from fedcollm.runs import RunDir
+
+
+class NaNClient(SimulatedClient):
+    """A faulty client whose upload holds NaN."""
+
+    def fit(self, blob, round_idx):
+        payload = unpack(super().fit(blob, round_idx))
+        key = next(iter(payload.tensors))
+        payload.tensors[key][0, 0] = float("nan")
+        return pack(payload)
+
+
+def test_client_payload_holds_only_adapter_tensors_and_a_count(make_workbench):
+    wb = make_workbench()
+    payload = unpack(SimulatedClient(wb, 0).fit(pack(Payload(wb.slm_init)), 1))
+    assert payload.num_examples == len(wb.client_data[0])
+    assert set(payload.tensors) == set(wb.slm_init)
+    assert all("lora_" in k for k in payload.tensors)
+    assert all(t.is_floating_point() for t in payload.tensors.values())  # no token ids, no examples
+    base_params = sum(p.numel() for n, p in wb.slm.named_parameters() if "lora_" not in n)
+    assert sum(t.numel() for t in payload.tensors.values()) < base_params / 5
+
+
+def test_rejected_update_leaves_round_running(make_workbench, tmp_path, caplog):
+    wb = make_workbench(str(tmp_path))
+    clients = [SimulatedClient(wb, 0), NaNClient(wb, 1), SimulatedClient(wb, 2)]
+    with caplog.at_level("WARNING"):
+        final = run_method(wb, "fedavg", RunDir(tmp_path), clients)
+    records = RunDir(tmp_path).read_metrics("fedavg")
+    assert [r["rejected"] for r in records] == [1, 1]
+    assert [r["accepted"] for r in records] == [2, 2]
+    assert "client_1" in caplog.text
+    assert final["slm"]["arc_easy"]["n"] == 6
+    state = RunDir(tmp_path).load_round("fedavg", 2)["slm"]
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_resume_equals_uninterrupted(make_workbench, tmp_path):
+    full = make_workbench(str(tmp_path / "full"))
+    run_method(full, "fedcollm", RunDir(tmp_path / "full"))
+
+    # interrupted: only round 1 completes ...
+    part = make_workbench(str(tmp_path / "part"), federation={"rounds": 1})
+    run_method(part, "fedcollm", RunDir(tmp_path / "part"))
+    (tmp_path / "part" / "fedcollm" / "final.json").unlink()
+    # ... then a fresh process resumes with the full config
+    resumed = make_workbench(str(tmp_path / "part"))
+    run_method(resumed, "fedcollm", RunDir(tmp_path / "part"))
+
+    a = RunDir(tmp_path / "full").load_round("fedcollm", 2)
+    b = RunDir(tmp_path / "part").load_round("fedcollm", 2)
+    assert a.keys() == b.keys() == {"llm", "slm"}
+    assert all(states_equal(a[k], b[k]) for k in a)
+    rounds = [r["round"] for r in RunDir(tmp_path / "part").read_metrics("fedcollm")]
+    assert rounds == [1, 2]
+
+
+def test_adapters_load_with_peft(make_workbench, tmp_path):
+    from peft import PeftModel
+
+    from fedcollm.models.tiny import tiny_pair
+
+    wb = make_workbench(str(tmp_path))
+    run_method(wb, "fedcollm", RunDir(tmp_path))
+    _, slm = tiny_pair(seed=0)
+    loaded = PeftModel.from_pretrained(slm, tmp_path / "fedcollm" / "round_002" / "slm")
+    saved = RunDir(tmp_path).load_round("fedcollm", 2)["slm"]
+    from peft import get_peft_model_state_dict
+    got = get_peft_model_state_dict(loaded)
+    assert all(torch.equal(got[k], saved[k]) for k in saved)
+
+
+def test_every_method_runs_and_reports(make_workbench, tmp_path):
+    from fedcollm.report import build_results, write_report
+
+    methods = ["zero_shot", "standalone", "fedavg", "centralized", "fedcollm"]
+    wb = make_workbench(str(tmp_path), run={"methods": methods}, federation={"rounds": 1})
+    run = RunDir(tmp_path)
+    run.write_config(wb.cfg.to_json())
+    for m in methods:
+        run_method(wb, m, run)
+    comm = {"slm_params": 10, "adapter_params": 1, "adapter_percent": 10.0, "bytes_up_per_round": 1,
+            "bytes_down_per_round": 1}
+    results = build_results(run, {"llm": "tiny", "slm": "tiny", "clients": 3, "rounds": 1, "limit": 6, "seed": 0},
+                            comm)
+    assert set(results["llm"]) == {"zero_shot", "centralized", "fedcollm"}
+    assert set(results["slm"]) == {"zero_shot", "standalone", "fedavg", "fedcollm"}
+    assert len(results["slm_standalone_clients"]) == 3
+    md = write_report(run, results)
+    assert "Table 1" in md and "FedCoLLM vs FedAvg" in md
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "results.json").read_text())["n_eval"] == {"arc_easy": 6}

@@ -1,0 +1,31 @@
+import torch
+
+from fedcollm.data.tasks import MCExample
+from fedcollm.evaluate import accuracy, choice_logprobs
+
+
+def _ex(answer, choices=("aa", "b")):
+    return MCExample("i", "arc_easy", "q", tuple(choices), answer)
+
+
+def test_acc_and_acc_norm_follow_lm_eval():
+    # sums: choice 1 wins on acc; per character (" aaaaaaa" = 8 chars vs " b" = 2) choice 0 wins on acc_norm
+    ex = [_ex(0, ("aaaaaaa", "b"))]
+    res = accuracy(ex, [[-5.0, -4.0]])
+    assert res == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
+def test_choice_logprobs_match_an_unpadded_forward(data_dir, tokenizer, models):
+    from fedcollm.data.batching import encode_pair
+    from fedcollm.data.tasks import load_eval_split
+
+    llm, _ = models
+    examples = load_eval_split(data_dir, "arc_easy", limit=5)
+    scores = choice_logprobs(llm, tokenizer, examples, max_length=64, batch_size=7)
+    for ex, sc in zip(examples[:2], scores[:2]):
+        for c in range(len(ex.choices)):
+            ids, n = encode_pair(tokenizer, ex.context, ex.continuation(c), 64)
+            with torch.no_grad():
+                logp = torch.log_softmax(llm(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            expected = sum(logp[len(ids) - n - 1 + j, ids[len(ids) - n + j]].item() for j in range(n))
+            assert abs(sc[c] - expected) < 1e-3
