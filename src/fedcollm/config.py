@@ -154,7 +154,7 @@ class DeriveConfig:
     """Alpaca texts used to score candidate layers during greedy selection."""
     calib_len: int = 48
     """Token length of each calibration text (selection cost grows with texts x length x 255 evaluations)."""
-    heal_steps: int = 160
+    heal_steps: int = 80
     """Distillation steps that heal the pruned model."""
     heal_lr: float = 3e-4
     """Peak AdamW learning rate while healing (cosine decay, short warm-up)."""
@@ -162,8 +162,8 @@ class DeriveConfig:
     """Sequences per healing step."""
     sampled_texts: int = 32
     """Teacher-sampled continuations mixed into the healing text."""
-    seq_len: int = 128
-    """Token length of selection and healing sequences."""
+    seq_len: int = 64
+    """Token length of healing and held-out perplexity sequences (teacher samples add seq_len/2 new tokens)."""
     seed: int = 0
     """Seeds layer ties, sampling and batch order: same seed, same SLM."""
 

@@ -42,7 +42,11 @@ def parse_derived_spec(spec: str) -> tuple[str, int] | None:
 
 
 def derived_dir(base: str, cfg: DeriveConfig) -> Path:
-    return cache_dir() / "models" / f"derived-{base}-{cfg.layers}l-h{cfg.heal_steps}-s{cfg.seed}"
+    """Cache location keyed by every derive knob, so a changed knob never reuses a stale SLM."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    return cache_dir() / "models" / f"derived-{base}-{cfg.layers}l-{key}"
 
 
 def _layers(model) -> torch.nn.ModuleList:
