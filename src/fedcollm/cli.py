@@ -18,7 +18,8 @@ def default_config_path() -> Path:
     return Path(str(resources.files("fedcollm") / "configs" / "demo.toml"))
 
 
-def load_config(path: str | None, overrides: list[str]) -> Config:
+def load_config(path: str | None, overrides: list[str], limit: int | None = None) -> Config:
+    overrides = overrides + ([f"data.eval_limit={limit}"] if limit else [])
     cfg = Config.from_toml(path or default_config_path())
     return cfg.override(overrides) if overrides else cfg
 
@@ -87,7 +88,7 @@ def cmd_run(args) -> None:
         cfg.run.out_dir = args.resume
         run_experiment(cfg, resume=True)
         return
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, args.limit)
     if args.out:
         cfg.run.out_dir = args.out
     run_experiment(cfg)
@@ -109,7 +110,7 @@ def cmd_eval(args) -> None:
     from fedcollm.models.derive import resolve_model_dir
     from fedcollm.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, args.limit)
     device = resolve_device(cfg.model.device)
     model_dir = resolve_model_dir(args.model, cfg.derive, cfg.data.data_dir)
     model = load_model(model_dir, resolve_dtype(cfg.model.dtype, device), device)
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--config", help="TOML config (default: the embedded demo config)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config field, e.g. --set federation.rounds=3 (repeatable)")
+        p.add_argument("--limit", type=int, help="evaluate on the first N items per task (= --set data.eval_limit=N)")
 
     p = sub.add_parser("run", help="run the configured methods (default: the embedded FedCoLLM demo)")
     common(p)

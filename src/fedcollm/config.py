@@ -150,11 +150,11 @@ class DistillConfig:
 class DeriveConfig:
     layers: int = 10
     """Decoder layers kept in the derived SLM (overridden by the N of `derived:BASE:N`)."""
-    calib_texts: int = 16
+    calib_texts: int = 8
     """Alpaca texts used to score candidate layers during greedy selection."""
     calib_len: int = 48
     """Token length of each calibration text (selection cost grows with texts x length x 255 evaluations)."""
-    heal_steps: int = 80
+    heal_steps: int = 60
     """Distillation steps that heal the pruned model."""
     heal_lr: float = 3e-4
     """Peak AdamW learning rate while healing (cosine decay, short warm-up)."""
