@@ -77,3 +77,20 @@ def test_kd_weight_zero_leaves_plain_ce():
     loss_f, loss_g, _ = mutual_losses(f, g, targets, mask, kd_weight=0.0)
     assert torch.allclose(loss_f, answer_ce(f, targets, mask))
     assert torch.allclose(loss_g, answer_ce(g, targets, mask))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_mutual_fast_path_equals_the_general_losses_values_and_gradients(direction):
+    f = _logits(15, (3, 4, 11)).requires_grad_()
+    g = _logits(16, (3, 4, 11)).requires_grad_()
+    targets = torch.randint(0, 11, (3, 4), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
+    loss_f, loss_g, _ = mutual_losses(f, g, targets, mask, kd_weight=0.7, direction=direction)
+    ref_f = answer_ce(f, targets, mask) + 0.7 * distill_kl(f, g, mask, direction=direction)
+    ref_g = answer_ce(g, targets, mask) + 0.7 * distill_kl(g, f, mask, direction=direction)
+    torch.testing.assert_close(loss_f, ref_f)
+    torch.testing.assert_close(loss_g, ref_g)
+    got = torch.autograd.grad(loss_f + loss_g, (f, g))
+    want = torch.autograd.grad(ref_f + ref_g, (f, g))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
