@@ -37,9 +37,5 @@ def num_params(tensors: AdapterState) -> int:
     return sum(t.numel() for t in tensors.values())
 
 
-def clone_state(state: AdapterState) -> AdapterState:
-    return {k: v.clone() for k, v in state.items()}
-
-
 def states_equal(a: AdapterState, b: AdapterState) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

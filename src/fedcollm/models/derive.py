@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import random
 import time
@@ -27,7 +26,6 @@ from fedcollm.config import DeriveConfig
 from fedcollm.data.tasks import load_alpaca_texts
 from fedcollm.models.loading import cache_dir, load_model, load_tokenizer
 
-log = logging.getLogger(__name__)
 HELD_OUT_TEXTS = 128  # last Alpaca rows, never used for selection or healing
 
 
