@@ -16,10 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fedcollm.algorithms.training import cycle_batches, mutual_distill_step
+from fedcollm.algorithms.training import cycle_batches, fwd_bwd, mutual_distill_step
 from fedcollm.config import Config
-from fedcollm.data.batching import answer_logits
-from fedcollm.distill.losses import answer_ce
 from fedcollm.workbench import Workbench
 
 HERE = Path(__file__).resolve().parent
@@ -29,11 +27,6 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def fwd_bwd(model, batch) -> None:
-    answer_ce(answer_logits(model, batch), batch.targets, batch.target_mask).backward()
-    model.zero_grad(set_to_none=True)
 
 
 def main() -> None:

@@ -120,8 +120,14 @@ def mutual_distill(llm, slm, aux: SFTData, steps: int, kd_weight: float, tempera
     return log
 
 
+def fwd_bwd(model, batch: AnswerBatch) -> None:
+    """One plain forward+backward of answer CE (no optimizer step): the yardstick a KD step is timed against."""
+    answer_ce(answer_logits(model, batch), batch.targets, batch.target_mask).backward()
+    model.zero_grad(set_to_none=True)
+
+
 def time_fwd_bwd(model, data: SFTData, batch_size: int, steps: int, seed: int) -> float:
-    """Mean seconds of one plain forward+backward (answer CE) on the batches a distillation step would see."""
+    """Mean seconds of `fwd_bwd` on the batches a distillation step would see."""
     device = next(model.parameters()).device
     batches = cycle_batches(data, batch_size, seed)
     model.train()
@@ -129,9 +135,8 @@ def time_fwd_bwd(model, data: SFTData, batch_size: int, steps: int, seed: int) -
     for i in range(steps + 1):  # the first pass warms up allocations and is not counted
         batch = next(batches).to(device)
         t0 = time.perf_counter()
-        answer_ce(answer_logits(model, batch), batch.targets, batch.target_mask).backward()
+        fwd_bwd(model, batch)
         if i:
             times.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
     model.eval()
     return sum(times) / len(times)

@@ -10,6 +10,7 @@ Everything is seeded, so the same base, N and seed give the same SLM; the result
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import random
@@ -41,8 +42,6 @@ def parse_derived_spec(spec: str) -> tuple[str, int] | None:
 
 def derived_dir(base: str, cfg: DeriveConfig) -> Path:
     """Cache location keyed by every derive knob, so a changed knob never reuses a stale SLM."""
-    import hashlib
-
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
     return cache_dir() / "models" / f"derived-{base}-{cfg.layers}l-{key}"
 
