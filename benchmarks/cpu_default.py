@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
-from fedcollm.cli import run_experiment
+from fedcollm.cli import resume_experiment, run_experiment
 from fedcollm.config import Config
 
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
+    shared = HERE.parent.parent / "shared" / "data"  # the project's data collection, where it sits beside the checkout
+    if shared.is_dir():
+        os.environ.setdefault("FEDCOLLM_DATA", str(shared))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(HERE / "cpu_default.toml"))
     parser.add_argument("--set", action="append", default=[])
@@ -30,7 +34,8 @@ def main() -> None:
 
     cfg = Config.from_toml(args.config).override(args.set) if args.set else Config.from_toml(args.config)
     t0 = time.time()
-    results = run_experiment(cfg, resume=(Path(cfg.run.out_dir) / "config.json").exists())
+    run_dir = Path(cfg.run.out_dir)
+    results = resume_experiment(run_dir) if (run_dir / "config.json").exists() else run_experiment(cfg)
     t = results["timing"]
     kd_budget = 1.1 * (t["fwd_bwd_f_s"] + t["fwd_bwd_g_s"])
     results["targets"] = {
@@ -42,7 +47,6 @@ def main() -> None:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    run_dir = Path(cfg.run.out_dir)
     shutil.copy(run_dir / "accuracy.png", out / "accuracy.png")
     tg = results["targets"]
     (out / "results.md").write_text((run_dir / "results.md").read_text() + (

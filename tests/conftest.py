@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedcollm.config import Config
-from fedcollm.data.tasks import load_task
+from fedcollm.config import Config, preset_tasks
+from fedcollm.data.tasks import load_train_split
 from fedcollm.models.tiny import tiny_pair, tiny_tokenizer
 
 DATA_DIR = os.environ.get("FEDCOLLM_DATA", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -25,7 +25,7 @@ def data_dir() -> str:
 def tokenizer(data_dir):
     texts = []
     for task in ("arc_easy", "openbookqa"):
-        for ex in load_task(data_dir, task, "train")[:300]:
+        for ex in load_train_split(task, preset_tasks()[task], data_dir)[:300]:
             texts.append(ex.context + " " + " ".join(ex.choices))
     return tiny_tokenizer(texts)
 

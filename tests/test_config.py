@@ -26,7 +26,7 @@ def test_overrides_are_typed_and_validated():
 def test_toml_errors_name_the_file_and_field(tmp_path):
     bad = tmp_path / "c.toml"
     bad.write_text("[data]\ntasks = ['arc_easy', 'mmlu']\n")
-    with pytest.raises(ConfigError, match="data.tasks: unknown task 'mmlu'"):
+    with pytest.raises(ConfigError, match=r"data.tasks: unknown task 'mmlu': declare it in a \[tasks.mmlu\] table"):
         Config.from_toml(bad)
     bad.write_text("[federation]\nclientz = 3\n")
     with pytest.raises(ConfigError, match=r"c.toml.federation: unknown field\(s\) clientz"):
@@ -48,7 +48,7 @@ def test_every_field_is_documented():
 
     doc = describe()
     for cls in (c.ModelConfig, c.LoraConfig, c.DataConfig, c.FederationConfig, c.DistillConfig, c.DeriveConfig,
-                c.RunConfig):
+                c.RunConfig, c.TaskConfig):
         for f in dataclasses.fields(cls):
             if not dataclasses.is_dataclass(f.type) and f.name != "lora":
                 assert f"`{f.name}`" in doc, f"{cls.__name__}.{f.name} undocumented"

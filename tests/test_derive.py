@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from fedcollm.config import DeriveConfig
-from fedcollm.models.derive import greedy_select, heal, mean_nll, parse_derived_spec, tokenize_texts, with_layers
+from fedcollm.config import parse_derived_spec
+from fedcollm.errors import ConfigError
+from fedcollm.models.derive import greedy_select, heal, mean_nll, tokenize_texts, with_layers
 from fedcollm.models.tiny import tiny_llama
 
 
@@ -18,7 +20,7 @@ def texts(data_dir):
 def test_spec_parsing():
     assert parse_derived_spec("derived:smollm2-135m:10") == ("smollm2-135m", 10)
     assert parse_derived_spec("smollm2-135m") is None
-    with pytest.raises(ValueError, match="derived:BASE:N"):
+    with pytest.raises(ConfigError, match="derived:BASE:N"):
         parse_derived_spec("derived:smollm2-135m")
 
 

@@ -38,7 +38,7 @@ def test_rejected_update_leaves_round_running(make_workbench, tmp_path, caplog):
     assert [r["accepted"] for r in records] == [2, 2]
     assert "client_1" in caplog.text
     assert final["slm"]["arc_easy"]["n"] == 6
-    state = RunDir(tmp_path).load_round("fedavg", 2)["slm"]
+    state = RunDir(tmp_path).load_round("fedavg", 2, {"slm": wb.slm_init})["slm"]
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
@@ -54,8 +54,9 @@ def test_resume_equals_uninterrupted(make_workbench, tmp_path):
     resumed = make_workbench(str(tmp_path / "part"))
     run_method(resumed, "fedcollm", RunDir(tmp_path / "part"))
 
-    a = RunDir(tmp_path / "full").load_round("fedcollm", 2)
-    b = RunDir(tmp_path / "part").load_round("fedcollm", 2)
+    refs = {"llm": full.llm_init, "slm": full.slm_init}
+    a = RunDir(tmp_path / "full").load_round("fedcollm", 2, refs)
+    b = RunDir(tmp_path / "part").load_round("fedcollm", 2, refs)
     assert a.keys() == b.keys() == {"llm", "slm"}
     assert all(states_equal(a[k], b[k]) for k in a)
     rounds = [r["round"] for r in RunDir(tmp_path / "part").read_metrics("fedcollm")]
@@ -71,7 +72,7 @@ def test_adapters_load_with_peft(make_workbench, tmp_path):
     run_method(wb, "fedcollm", RunDir(tmp_path))
     _, slm = tiny_pair(seed=0)
     loaded = PeftModel.from_pretrained(slm, tmp_path / "fedcollm" / "round_002" / "slm")
-    saved = RunDir(tmp_path).load_round("fedcollm", 2)["slm"]
+    saved = RunDir(tmp_path).load_round("fedcollm", 2, {"slm": wb.slm_init})["slm"]
     from peft import get_peft_model_state_dict
     got = get_peft_model_state_dict(loaded)
     assert all(torch.equal(got[k], saved[k]) for k in saved)

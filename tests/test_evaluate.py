@@ -5,7 +5,7 @@ from fedcollm.evaluate import accuracy, choice_logprobs
 
 
 def _ex(answer, choices=("aa", "b")):
-    return MCExample("i", "arc_easy", "q", tuple(choices), answer)
+    return MCExample("i", "arc_easy", "q", tuple(choices), tuple(" " + c for c in choices), answer)
 
 
 def test_acc_and_acc_norm_follow_lm_eval():
@@ -17,14 +17,15 @@ def test_acc_and_acc_norm_follow_lm_eval():
 
 def test_choice_logprobs_match_an_unpadded_forward(data_dir, tokenizer, models):
     from fedcollm.data.batching import encode_pair
+    from fedcollm.config import preset_tasks
     from fedcollm.data.tasks import load_eval_split
 
     llm, _ = models
-    examples = load_eval_split(data_dir, "arc_easy", limit=5)
+    examples = load_eval_split("arc_easy", preset_tasks()["arc_easy"], data_dir, limit=5)
     scores = choice_logprobs(llm, tokenizer, examples, max_length=200, batch_size=7)  # no truncation
     for ex, sc in zip(examples, scores):
         for c in range(len(ex.choices)):
-            ids, n = encode_pair(tokenizer, ex.context, ex.continuation(c), 200)
+            ids, n = encode_pair(tokenizer, ex.context, ex.continuations[c], 200)
             with torch.no_grad():
                 logp = torch.log_softmax(llm(input_ids=torch.tensor([ids])).logits[0].float(), -1)
             expected = sum(logp[len(ids) - n - 1 + j, ids[len(ids) - n + j]].item() for j in range(n))

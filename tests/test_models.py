@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fedcollm.config import LoraConfig
+from fedcollm.errors import ConfigError, ModelError
 from fedcollm.models import registry
 from fedcollm.models.loading import materialize, resolve_dtype
 from fedcollm.models.lora import add_lora, count_parameters, target_modules
@@ -18,7 +19,7 @@ def test_missing_weight_package_prints_the_install_line(tmp_path):
 
 
 def test_unknown_model_lists_the_registry(tmp_path):
-    with pytest.raises(KeyError, match="smollm2-135m"):
+    with pytest.raises(ModelError, match="smollm2-135m"):
         registry.resolve_gguf("llama-70b", tmp_path)
 
 
@@ -26,25 +27,25 @@ def test_checksum_mismatch_is_refused(tmp_path):
     f = tmp_path / "m.gguf"
     f.write_bytes(b"not the model")
     entry = registry.BundledModel("x", "", (), "m.gguf", sha256="0" * 64, size=None)
-    with pytest.raises(RuntimeError, match="does not match"):
+    with pytest.raises(ModelError, match="does not match"):
         registry.verify_gguf(entry, f)
     good = registry.BundledModel("x", "", (), "m.gguf", sha256=hashlib.sha256(b"not the model").hexdigest(), size=13)
     registry.verify_gguf(good, f)
-    with pytest.raises(RuntimeError, match="size"):
+    with pytest.raises(ModelError, match="size"):
         registry.verify_gguf(registry.BundledModel("x", "", (), "m.gguf", sha256=None, size=99), f)
 
 
 def test_missing_local_paths_fail_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         materialize(str(tmp_path / "nope.gguf"))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ModelError, match="no config.json"):
         materialize(str(tmp_path))
 
 
 def test_dtype_choice():
     assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    with pytest.raises(ValueError, match="unknown dtype"):
+    with pytest.raises(ConfigError, match="unknown dtype"):
         resolve_dtype("int4", torch.device("cpu"))
 
 

@@ -6,32 +6,39 @@ import logging
 
 import torch
 
+from fedcollm.errors import InvalidUpdate
 from fedcollm.models.lora import AdapterState
 
 log = logging.getLogger(__name__)
 
 
-class InvalidUpdate(ValueError):
-    """A client update does not match the global adapter (keys, shapes, dtypes) or holds non-finite values."""
+def state_problem(state: AdapterState, reference: AdapterState | None) -> str | None:
+    """What makes `state` unusable where `reference` is expected (keys, shapes, dtypes, finite values), or None."""
+    if reference is not None:
+        missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+        if missing or extra:
+            return f"adapter keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, got in state.items():
+        if not isinstance(got, torch.Tensor):
+            return f"{key} is not a tensor"
+        ref = reference[key] if reference is not None else None
+        if ref is not None and got.shape != ref.shape:
+            return f"{key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        if ref is not None and got.dtype != ref.dtype:
+            return f"{key} has dtype {got.dtype}, expected {ref.dtype}"
+        if not got.is_floating_point():
+            return f"{key} has dtype {got.dtype}, expected a floating-point tensor"
+        if not torch.isfinite(got).all():
+            return f"{key} holds NaN or Inf"
+    return None
 
 
 def validate_update(update: AdapterState, reference: AdapterState, num_examples: int, client: str) -> None:
-    if not isinstance(num_examples, int) or num_examples <= 0:
+    if type(num_examples) is not int or num_examples <= 0:
         raise InvalidUpdate(f"client {client}: num_examples must be a positive int, got {num_examples!r}")
-    missing, extra = set(reference) - set(update), set(update) - set(reference)
-    if missing or extra:
-        raise InvalidUpdate(f"client {client}: adapter keys differ (missing {sorted(missing)[:3]}, "
-                            f"unexpected {sorted(extra)[:3]})")
-    for key, ref in reference.items():
-        got = update[key]
-        if not isinstance(got, torch.Tensor):
-            raise InvalidUpdate(f"client {client}: {key} is not a tensor")
-        if got.shape != ref.shape:
-            raise InvalidUpdate(f"client {client}: {key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
-        if got.dtype != ref.dtype:
-            raise InvalidUpdate(f"client {client}: {key} has dtype {got.dtype}, expected {ref.dtype}")
-        if not torch.isfinite(got).all():
-            raise InvalidUpdate(f"client {client}: {key} holds NaN or Inf")
+    problem = state_problem(update, reference)
+    if problem:
+        raise InvalidUpdate(f"client {client}: {problem}")
 
 
 def fedavg(updates: list[tuple[AdapterState, int]]) -> AdapterState:
@@ -46,16 +53,3 @@ def fedavg(updates: list[tuple[AdapterState, int]]) -> AdapterState:
             acc += state[key].to(torch.float64) * n
         out[key] = (acc / total).to(ref.dtype)
     return out
-
-
-def accept_valid(updates: dict[str, tuple[AdapterState, int]], reference: AdapterState) -> list[tuple[AdapterState, int]]:
-    """The updates that pass validation; each rejected one is logged with its client's name."""
-    accepted = []
-    for client, (state, n) in updates.items():
-        try:
-            validate_update(state, reference, n, client)
-        except InvalidUpdate as err:
-            log.warning("rejected update: %s", err)
-            continue
-        accepted.append((state, n))
-    return accepted

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from importlib import resources
 from pathlib import Path
 
-from fedcollm.config import Config, ConfigError, describe
+from fedcollm.config import Config, describe
+from fedcollm.errors import ConfigError, FedcollmError
 
 log = logging.getLogger("fedcollm")
 
@@ -19,35 +19,59 @@ def default_config_path() -> Path:
 
 
 def load_config(path: str | None, overrides: list[str], limit: int | None = None) -> Config:
-    overrides = overrides + ([f"data.eval_limit={limit}"] if limit else [])
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"--limit: must be >= 1 (items per task), got {limit}")
+        overrides = overrides + [f"data.eval_limit={limit}"]
     cfg = Config.from_toml(path or default_config_path())
     return cfg.override(overrides) if overrides else cfg
 
 
-def run_experiment(cfg: Config, resume: bool = False) -> dict:
-    """Run every configured method into cfg.run.out_dir and write results.json / results.md / accuracy.png."""
-    import torch
-
-    from fedcollm.algorithms.training import time_fwd_bwd, unit_seed
-    from fedcollm.comm import Payload, num_params, pack
-    from fedcollm.engines.inprocess import run_method
-    from fedcollm.models.lora import count_parameters
-    from fedcollm.report import build_results, write_report
+def run_experiment(cfg: Config) -> dict:
+    """Start a new run in cfg.run.out_dir; nothing is written there until the data and models have loaded."""
     from fedcollm.runs import RunDir
     from fedcollm.workbench import Workbench
 
     run = RunDir(cfg.run.out_dir)
-    if resume:
-        cfg = Config.from_dict(run.read_config(), where=str(run.path / "config.json"))
-    elif (run.path / "config.json").exists():
-        raise SystemExit(f"{run.path} already holds a run: resume it with `fedcollm run --resume {run.path}` "
-                         f"or choose another directory with --set run.out_dir=...")
-    else:
-        run.write_config(cfg.to_json())
+    run.check_fresh()
+    _set_threads(cfg)
+    wb = Workbench.build(cfg)
+    run.check_fresh()  # still free after the (possibly long) model preparation
+    run.write_config(cfg.to_json())
+    return _run_all(wb, run)
+
+
+def resume_experiment(path: str | Path) -> dict:
+    """Continue the run in `path` with the config it started with, after its last completed round."""
+    from fedcollm.runs import RunDir
+    from fedcollm.workbench import Workbench
+
+    run = RunDir(path)
+    cfg = run.load_config()
+    if Path(cfg.run.out_dir).resolve() != run.path.resolve():  # the directory was moved or copied: follow it
+        cfg = cfg.with_field("run.out_dir", str(run.path))
+    _set_threads(cfg)
+    return _run_all(Workbench.build(cfg), run)
+
+
+def _set_threads(cfg: Config) -> None:
+    import torch
+
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
 
-    wb = Workbench.build(cfg)
+
+def _run_all(wb, run) -> dict:
+    """Run every configured method and write results.json / results.md / accuracy.png."""
+    import torch
+
+    from fedcollm.algorithms.training import time_fwd_bwd, unit_seed
+    from fedcollm.comm import Payload, num_params, pack
+    from fedcollm.engines.inprocess import curve_items, run_method
+    from fedcollm.models.lora import count_parameters
+    from fedcollm.report import build_results, write_report
+
+    cfg = wb.cfg
     print(f"data: {wb.split.describe()}; eval items: "
           + ", ".join(f"{t} {len(v)}" for t, v in wb.eval_sets.items()), flush=True)
     for method in cfg.run.methods:
@@ -69,7 +93,8 @@ def run_experiment(cfg: Config, resume: bool = False) -> dict:
         extra_timing = {"fwd_bwd_f_s": time_fwd_bwd(wb.llm, wb.aux_data, cfg.distill.batch_size, steps, seed),
                         "fwd_bwd_g_s": time_fwd_bwd(wb.slm, wb.aux_data, cfg.distill.batch_size, steps, seed)}
     setting = {"llm": cfg.model.llm, "slm": cfg.model.slm, "clients": cfg.federation.clients,
-               "rounds": cfg.federation.rounds, "limit": cfg.data.eval_limit, "seed": cfg.run.seed,
+               "rounds": cfg.federation.rounds, "limit": cfg.data.eval_limit, "curve_items": curve_items(cfg),
+               "seed": cfg.run.seed, "data_dir": cfg.data.data_dir or "bundled",
                "local_epochs": cfg.federation.local_epochs, "distill_steps": cfg.distill.steps,
                "kd_weight": cfg.distill.kd_weight, "kl_direction": cfg.distill.kl_direction,
                "partition": cfg.data.partition, "train_per_task": cfg.data.train_per_task,
@@ -84,24 +109,26 @@ def run_experiment(cfg: Config, resume: bool = False) -> dict:
 
 def cmd_run(args) -> None:
     if args.resume:
-        cfg = Config.from_dict(json.loads((Path(args.resume) / "config.json").read_text()))
-        cfg.run.out_dir = args.resume
-        run_experiment(cfg, resume=True)
+        given = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--limit", args.limit),
+                                          ("--out", args.out)) if value]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot be combined with --resume: a resumed run continues with "
+                              f"the config it started with ({Path(args.resume) / 'config.json'})")
+        resume_experiment(args.resume)
         return
     cfg = load_config(args.config, args.set, args.limit)
-    if args.out:
-        cfg.run.out_dir = args.out
+    if args.out is not None:
+        cfg = cfg.with_field("run.out_dir", args.out)
     run_experiment(cfg)
 
 
 def cmd_derive(args) -> None:
     from fedcollm.models.derive import derive_slm
 
+    if args.layers < 1:
+        raise ConfigError(f"--layers: must be >= 1, got {args.layers}")
     cfg = load_config(args.config, args.set)
-    derive = cfg.derive
-    if args.layers:
-        derive.layers = args.layers
-    derive_slm(args.base, derive, cfg.data.data_dir)
+    derive_slm(args.base, args.layers, cfg.derive, cfg.data.data_dir)
 
 
 def cmd_eval(args) -> None:
@@ -111,39 +138,54 @@ def cmd_eval(args) -> None:
     from fedcollm.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
 
     cfg = load_config(args.config, args.set, args.limit)
+    sets = {t: load_eval_split(t, spec, cfg.data.data_dir, cfg.data.eval_limit) for t, spec in cfg.task_specs().items()}
     device = resolve_device(cfg.model.device)
     model_dir = resolve_model_dir(args.model, cfg.derive, cfg.data.data_dir)
     model = load_model(model_dir, resolve_dtype(cfg.model.dtype, device), device)
     if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model = load_peft_adapter(model, Path(args.adapter))
     tokenizer = load_tokenizer(model_dir)
-    sets = {t: load_eval_split(cfg.data.data_dir, t, cfg.data.eval_limit) for t in cfg.data.tasks}
     res = evaluate_tasks(model, tokenizer, sets, cfg.model.max_length, cfg.run.eval_batch_size, args.model)
     for task, m in res.items():
         print(f"{task:15s} acc {m['acc']:.4f}  acc_norm {m['acc_norm']:.4f}  (n={m['n']})")
 
 
+def load_peft_adapter(model, folder: Path):
+    """`model` with the peft adapter saved in `folder`; a missing, damaged, non-finite or ill-fitting one is refused."""
+    from peft import PeftModel
+
+    from fedcollm.errors import RunDirError
+    from fedcollm.runs import load_adapter_file
+
+    if not (folder / "adapter_config.json").is_file():
+        raise RunDirError(f"{folder}: no adapter_config.json, so this is not a peft adapter folder "
+                          f"(e.g. RUN/fedcollm/round_002/slm)")
+    load_adapter_file(folder / "adapter_model.safetensors")  # readable and finite before peft touches it
+    try:
+        return PeftModel.from_pretrained(model, folder)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:  # peft/torch: shape mismatch, bad config
+        raise RunDirError(f"{folder}: adapter does not fit this model ({str(err).splitlines()[0][:300]})") from err
+
+
 def cmd_report(args) -> None:
-    from fedcollm.report import write_report
+    from fedcollm.report import load_results, write_report
     from fedcollm.runs import RunDir
 
     run = RunDir(args.run_dir)
-    results = json.loads((run.path / "results.json").read_text())
-    print(write_report(run, results))
+    print(write_report(run, load_results(run)))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcollm", description="Federated co-tuning of an LLM with clients' SLMs")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command")
 
-    def common(p):
+    def common(p, limit: bool = True):
         p.add_argument("--config", help="TOML config (default: the embedded demo config)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config field, e.g. --set federation.rounds=3 (repeatable)")
-        p.add_argument("--limit", type=int, help="evaluate on the first N items per task (= --set data.eval_limit=N)")
+        if limit:
+            p.add_argument("--limit", type=int, help="evaluate on the first N items per task (= --set data.eval_limit=N)")
 
     p = sub.add_parser("run", help="run the configured methods (default: the embedded FedCoLLM demo)")
     common(p)
@@ -152,9 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("derive-slm", help="derive a same-vocabulary SLM from a registry LLM (cached)")
-    common(p)
+    common(p, limit=False)
     p.add_argument("--base", default="smollm2-135m")
-    p.add_argument("--layers", type=int, default=0, help="layers to keep (default: derive.layers)")
+    p.add_argument("--layers", type=int, default=10, help="decoder layers to keep")
     p.set_defaults(func=cmd_derive)
 
     p = sub.add_parser("eval", help="zero-shot multiple-choice accuracy of one model (optionally + adapter)")
@@ -169,15 +211,27 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("config-doc", help="print the reference of every config knob")
     p.set_defaults(func=lambda a: print(describe()))
+    return parser
 
+
+def dispatch(argv: list[str] | None = None) -> None:
+    """Parse and run one command; bad input raises a FedcollmError (main turns it into one line, exit 2)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not args.command:
-        args = parser.parse_args(["run"] + (argv or sys.argv[1:]))
+        args = parser.parse_args(["run"] + argv)
+    args.func(args)
+
+
+def main(argv: list[str] | None = None) -> None:
     try:
-        args.func(args)
-    except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from err
+        dispatch(argv)
+    except FedcollmError as err:
+        print(f"fedcollm: error: {str(err).replace(chr(10), ' ')}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -3,24 +3,32 @@
 A `Config` loads from TOML (`Config.from_toml`), takes `section.key=value` overrides from the CLI
 (`Config.override`) and round-trips through `to_dict` so a run directory records exactly what ran.
 The docstring of each field is the one place it is documented (`fedcollm config-doc` prints them).
+Tasks are configuration too: `[tasks.NAME]` tables (see `TaskConfig`); the paper's four tasks are presets
+written in that same form in `configs/tasks.toml`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
+import string
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
-TASKS = ("commonsenseqa", "openbookqa", "arc_challenge", "arc_easy")
+from fedcollm.errors import ConfigError
+
 METHODS = ("zero_shot", "standalone", "fedavg", "centralized", "fedcollm")
 
-
-class ConfigError(ValueError):
-    """A config value is out of range or of the wrong type; the message names the field."""
+__all__ = ["Config", "ConfigError", "TaskConfig", "METHODS", "preset_tasks", "parse_derived_spec"]
 
 
 def _check(cond: bool, where: str, msg: str) -> None:
@@ -28,8 +36,91 @@ def _check(cond: bool, where: str, msg: str) -> None:
         raise ConfigError(f"{where}: {msg}")
 
 
-def default_data_dir() -> str:
-    return os.environ.get("FEDCOLLM_DATA", "../shared/data")
+def default_data_dir() -> str | None:
+    return os.environ.get("FEDCOLLM_DATA") or None
+
+
+def parse_derived_spec(spec: str) -> tuple[str, int] | None:
+    """`derived:BASE:N` -> (BASE, N); any other model spec -> None."""
+    if not spec.startswith("derived:"):
+        return None
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[1] or not parts[2].isdigit() or int(parts[2]) < 1:
+        raise ConfigError(f"model spec {spec!r}: expected derived:BASE:N with N >= 1 layers, e.g. "
+                          f"derived:smollm2-135m:10")
+    return parts[1], int(parts[2])
+
+
+def template_fields(template: str, where: str) -> list[str]:
+    """The `{name}` placeholders of a prompt template; anything but plain names is refused."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ConfigError(f"{where}: not a valid template ({err}); write literal braces as {{{{ and }}}}") from err
+    names = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        _check(name.isidentifier() and not spec and not conversion, where,
+               f"placeholder {{{name}}} must be a plain row field name like {{question}}")
+        names.append(name)
+    return names
+
+
+@dataclass
+class TaskConfig:
+    """One multiple-choice task: where its rows are, which splits train and evaluate, how prompts are built."""
+
+    path: str = ""
+    """Rows: a folder of <split>.jsonl files (absolute, or relative to data.data_dir, falling back to the bundled data), or `hf:ID` for a Hugging Face `datasets` id or a local `save_to_disk` folder."""
+    train_split: str | None = None
+    """Split whose rows are federated (client shards + D^a); unset = evaluation-only task."""
+    eval_split: str = "test"
+    """Split scored for every reported accuracy."""
+    context: str = "Question: {question}\nAnswer:"
+    """Prompt before each choice; {name} is replaced by the row's field `name` (any string field)."""
+    continuation: str = " {choice}"
+    """Scored continuation; {choice} is one choice's text (other row fields allowed too)."""
+    choices_field: str = "choices"
+    """Row field holding the list of choice texts (dotted path for nested rows, e.g. choices.text)."""
+    answer_field: str = "answer"
+    """Row field holding the gold answer: a 0-based index, or a label found in labels_field."""
+    labels_field: str = "labels"
+    """Row field holding the choice labels (e.g. A-D), used only when the answer is a label string."""
+    id_field: str = "id"
+    """Row field holding a unique example id (duplicates within a split are refused)."""
+    subset: str | None = None
+    """Dataset configuration name for `hf:` sources (e.g. ARC-Easy); unset otherwise."""
+    duplicate_choices: str = "error"
+    """A row with two identical choice texts: error (refuse the file) or warn (keep it, log the count)."""
+
+    def validate(self, where: str) -> None:
+        _check(bool(self.path.strip()), f"{where}.path", "must name a folder or hf:ID")
+        _check(self.train_split is None or self.train_split != self.eval_split, f"{where}.train_split",
+               f"is the evaluation split {self.eval_split!r}: training on the items you score is refused")
+        ctx = template_fields(self.context, f"{where}.context")
+        cont = template_fields(self.continuation, f"{where}.continuation")
+        _check("choice" not in ctx, f"{where}.context", "must not use {choice}: each choice goes in the continuation")
+        _check(cont.count("choice") == 1, f"{where}.continuation", "must contain {choice} exactly once")
+        _check(self.duplicate_choices in ("error", "warn"), f"{where}.duplicate_choices", "error or warn")
+        _check(self.subset is None or self.path.startswith("hf:"), f"{where}.subset", "applies only to hf: sources")
+
+    @property
+    def template_fields(self) -> list[str]:
+        """Row fields the templates read (besides the choice)."""
+        names = template_fields(self.context, "context") + template_fields(self.continuation, "continuation")
+        return list(dict.fromkeys(n for n in names if n != "choice"))
+
+
+@cache
+def _presets() -> dict[str, dict]:
+    text = (resources.files("fedcollm") / "configs" / "tasks.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)["tasks"]
+
+
+def preset_tasks() -> dict[str, TaskConfig]:
+    """The built-in tasks, defined in configs/tasks.toml exactly as a user defines one in a config."""
+    return {name: _build(TaskConfig, spec, f"preset tasks.{name}") for name, spec in _presets().items()}
 
 
 @dataclass
@@ -44,9 +135,9 @@ class LoraConfig:
     """Modules to adapt; empty = the per-architecture default (q_proj, v_proj for Llama/Qwen/Gemma)."""
 
     def __post_init__(self) -> None:
-        _check(self.r >= 1, "lora.r", "must be >= 1")
-        _check(self.alpha > 0, "lora.alpha", "must be > 0")
-        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _check(self.r >= 1, "model.lora.r", "must be >= 1")
+        _check(self.alpha > 0, "model.lora.alpha", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
 
 
 @dataclass
@@ -64,16 +155,22 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        parse_derived_spec(self.llm)
+        parse_derived_spec(self.slm)
         _check(self.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", "auto, bf16, fp16 or fp32")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "model.device",
+               f"auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.max_length >= 16, "model.max_length", "must be >= 16")
 
 
 @dataclass
 class DataConfig:
-    data_dir: str = field(default_factory=default_data_dir)
-    """Folder with <task>/<split>.jsonl (env FEDCOLLM_DATA overrides the default ../shared/data)."""
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    """Multiple-choice tasks whose train splits are federated and whose test splits are evaluated."""
+    data_dir: str | None = field(default_factory=default_data_dir)
+    """Folder that task paths are relative to (env FEDCOLLM_DATA sets the default); unset = only the data bundled with fedcollm (ARC-Easy, Alpaca subset)."""
+    tasks: list[str] = field(default_factory=lambda: ["commonsenseqa", "openbookqa", "arc_challenge", "arc_easy"])
+    """Tasks whose train splits are federated and whose eval splits are scored: preset names or [tasks.NAME] tables."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Further tasks that are only evaluated (they need no train split)."""
     train_per_task: int | None = None
     """Use at most this many (seeded random) train examples per task; None = all."""
     partition: str = "iid"
@@ -83,17 +180,17 @@ class DataConfig:
     aux_fraction: float = 0.2
     """Share of the train pool held by the server as auxiliary data D^a (0.2 = equal 5-way split with 4 clients)."""
     eval_limit: int | None = None
-    """Evaluate on the first N items of each task's test split (CSQA: dev); None = all. Printed beside every figure."""
+    """Evaluate on the first N items of each task's eval split; None = all. Printed beside every figure."""
 
     def __post_init__(self) -> None:
-        for t in self.tasks:
-            _check(t in TASKS, "data.tasks", f"unknown task {t!r}; known: {', '.join(TASKS)}")
         _check(len(self.tasks) > 0, "data.tasks", "must name at least one task")
+        both = sorted(set(self.tasks) & set(self.eval_tasks))
+        _check(not both, "data.eval_tasks", f"{', '.join(both)} already in data.tasks (which are evaluated too)")
         _check(self.partition in ("iid", "dirichlet", "task"), "data.partition", "iid, dirichlet or task")
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
         _check(0.0 < self.aux_fraction < 1.0, "data.aux_fraction", "must be in (0, 1)")
-        _check(self.train_per_task is None or self.train_per_task > 0, "data.train_per_task", "must be > 0")
-        _check(self.eval_limit is None or self.eval_limit > 0, "data.eval_limit", "must be > 0")
+        _check(self.train_per_task is None or self.train_per_task > 0, "data.train_per_task", "must be > 0 (or none)")
+        _check(self.eval_limit is None or self.eval_limit > 0, "data.eval_limit", "must be > 0 (or none for all)")
 
 
 @dataclass
@@ -142,14 +239,15 @@ class DistillConfig:
         _check(self.temperature > 0, "distill.temperature", "must be > 0")
         _check(self.kl_direction in ("forward", "reverse"), "distill.kl_direction", "forward or reverse")
         _check(self.top_k >= 0, "distill.top_k", "must be >= 0")
-        _check(self.llm_lr > 0 and self.slm_lr > 0, "distill.llm_lr/slm_lr", "must be > 0")
+        _check(self.llm_lr > 0, "distill.llm_lr", "must be > 0")
+        _check(self.slm_lr > 0, "distill.slm_lr", "must be > 0")
         _check(self.batch_size >= 1, "distill.batch_size", "must be >= 1")
 
 
 @dataclass
 class DeriveConfig:
-    layers: int = 10
-    """Decoder layers kept in the derived SLM (overridden by the N of `derived:BASE:N`)."""
+    """How `derived:BASE:N` SLMs are made (N, the layer count, comes from the model spec)."""
+
     calib_texts: int = 8
     """Alpaca texts used to score candidate layers during greedy selection."""
     calib_len: int = 48
@@ -168,9 +266,14 @@ class DeriveConfig:
     """Seeds layer ties, sampling and batch order: same seed, same SLM."""
 
     def __post_init__(self) -> None:
-        _check(self.layers >= 1, "derive.layers", "must be >= 1")
+        _check(self.calib_texts >= 1, "derive.calib_texts", "must be >= 1")
+        _check(self.calib_len >= 8, "derive.calib_len", "must be >= 8")
         _check(self.heal_steps >= 0, "derive.heal_steps", "must be >= 0")
-        _check(self.calib_texts >= 1 and self.heal_batch >= 1, "derive", "calib_texts and heal_batch >= 1")
+        _check(self.heal_lr > 0, "derive.heal_lr", "must be > 0")
+        _check(self.heal_batch >= 1, "derive.heal_batch", "must be >= 1")
+        _check(self.sampled_texts >= 0, "derive.sampled_texts", "must be >= 0")
+        _check(self.seq_len >= 8, "derive.seq_len", "must be >= 8")
+        _check(self.seed >= 0, "derive.seed", "must be >= 0")
 
 
 @dataclass
@@ -180,21 +283,26 @@ class RunConfig:
     seed: int = 0
     """Seeds data split, LoRA init, batch order and dropout."""
     out_dir: str = "runs/demo"
-    """Run directory (config, metrics, adapters, results)."""
+    """Run directory (config, metrics, adapters, results); a new run refuses a directory that holds files."""
     eval_every: int = 1
     """Evaluate every N rounds (the last round is always evaluated); 0 = only at the end."""
     round_eval_limit: int | None = None
-    """Items per task for the intermediate (per-round) evaluations; None = data.eval_limit."""
+    """Items per task behind every point of the per-round curves (the same first N items each round, at most data.eval_limit); None = data.eval_limit."""
     eval_batch_size: int = 32
     """Sequences per forward pass during evaluation."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
 
     def __post_init__(self) -> None:
+        _check(len(self.methods) > 0, "run.methods", "name at least one method")
         for m in self.methods:
             _check(m in METHODS, "run.methods", f"unknown method {m!r}; known: {', '.join(METHODS)}")
-        _check(len(self.methods) > 0, "run.methods", "name at least one method")
+        _check(self.seed >= 0, "run.seed", "must be >= 0")
         _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
+        _check(self.round_eval_limit is None or self.round_eval_limit > 0, "run.round_eval_limit",
+               "must be > 0 (or none)")
+        _check(self.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
+        _check(self.threads >= 0, "run.threads", "must be >= 0")
 
 
 @dataclass
@@ -205,38 +313,66 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     derive: DeriveConfig = field(default_factory=DeriveConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    """User-declared tasks, [tasks.NAME] tables; a name equal to a preset replaces that preset."""
+
+    def __post_init__(self) -> None:
+        for name, task in self.tasks.items():
+            _check(re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None, f"tasks.{name}",
+                   "task names may use letters, digits, _ . - only")
+            task.validate(f"tasks.{name}")
+        known = preset_tasks() | self.tasks
+        for listed in ("tasks", "eval_tasks"):
+            for name in getattr(self.data, listed):
+                _check(name in known, f"data.{listed}", f"unknown task {name!r}: declare it in a [tasks.{name}] "
+                       f"table or use a preset ({', '.join(preset_tasks())})")
+        for name in self.data.tasks:
+            _check(known[name].train_split is not None, "data.tasks",
+                   f"task {name!r} has no train split (evaluation-only): set tasks.{name}.train_split or move it "
+                   f"to data.eval_tasks")
+
+    def task_specs(self, names: list[str] | None = None) -> dict[str, TaskConfig]:
+        """The spec of each named task (default: trained + evaluation-only tasks); user tables win over presets."""
+        known = preset_tasks() | self.tasks
+        return {n: known[n] for n in (names if names is not None else self.data.tasks + self.data.eval_tasks)}
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "Config":
+    def from_dict(cls, data: Any, where: str = "config") -> "Config":
         return _build(cls, data, where)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Config":
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise ConfigError(f"{path}: config file not found") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from err
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from err
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from err
         return cls.from_dict(data, where=str(path))
 
     def override(self, assignments: list[str]) -> "Config":
-        """Apply `section.key=value` strings (values parsed as TOML, bare words as strings)."""
+        """Apply `section.key=value` strings (values parsed as TOML, bare words as strings, none = None)."""
         data = self.to_dict()
         for item in assignments:
             key, sep, raw = item.partition("=")
-            _check(bool(sep), item, "override must look like section.key=value")
+            _check(bool(sep) and bool(key.strip()), repr(item), "override must look like section.key=value")
             try:
                 value = tomllib.loads(f"v = {raw}")["v"]
             except tomllib.TOMLDecodeError:
-                value = raw
-            node = data
-            parts = key.strip().split(".")
-            for p in parts[:-1]:
-                _check(isinstance(node.get(p), dict), key, f"no config section {p!r}")
-                node = node[p]
-            _check(parts[-1] in node, key, "no such config field")
-            node[parts[-1]] = None if value == "none" else value
+                value = raw.strip()
+            _assign(data, key.strip(), None if value == "none" else value)
+        return Config.from_dict(data, where="override")
+
+    def with_field(self, key: str, value: Any) -> "Config":
+        """This config with one dotted field replaced by a plain Python value (validated like an override)."""
+        data = self.to_dict()
+        _assign(data, key, value)
         return Config.from_dict(data, where="override")
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,43 +382,56 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def _build(cls, data: dict[str, Any], where: str):
+def _assign(data: dict, key: str, value: Any) -> None:
+    node, parts = data, key.split(".")
+    for i, p in enumerate(parts[:-1]):
+        _check(isinstance(node.get(p), dict), key, f"no config section {'.'.join(parts[:i + 1])!r}")
+        node = node[p]
+    _check(parts[-1] in node, key, "no such config field (see `fedcollm config-doc`)")
+    _check(not isinstance(node[parts[-1]], dict) or parts[:-1] == ["tasks"], key,
+           "is a section: set one of its fields, e.g. section.key=value")
+    node[parts[-1]] = value
+
+
+def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__} {data!r}")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in data:
-            continue
-        value, hint = data[f.name], hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _build(hint, value, f"{where}.{f.name}")
-        else:
-            kwargs[f.name] = _coerce(value, hint, f"{where}.{f.name}")
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
+                          f"known: {', '.join(sorted(known))}")
+    kwargs = {f.name: _coerce(data[f.name], hints[f.name], f"{where}.{f.name}") for f in fields(cls) if f.name in data}
     return cls(**kwargs)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    import types
-    import typing
-
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    """Check `value` against the field's type: finite floats, non-empty strings, lists without duplicates."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin is dict:
+        _check(isinstance(value, dict), where, f"expected a table of NAME = {{...}}, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, list), where, f"expected a list, got {value!r}")
-        return [_coerce(v, args[0], where) for v in value]
+        items = [_coerce(v, args[0], where) for v in value]
+        dupes = sorted({repr(v) for v in items if items.count(v) > 1})
+        _check(not dupes, where, f"lists {', '.join(dupes)} more than once")
+        return items
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    _check(isinstance(value, hint) and not (hint is int and isinstance(value, bool)), where,
-           f"expected {hint.__name__}, got {value!r}")
+        value = float(value)
+    _check(isinstance(value, hint) and not isinstance(value, bool) or hint is bool and isinstance(value, bool), where,
+           f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    if hint is float:
+        _check(math.isfinite(value), where, f"must be a finite number, got {value!r}")
+    if hint is str:
+        _check(bool(value.strip()), where, "must not be empty")
     return value
 
 
@@ -305,7 +454,7 @@ def describe() -> str:
             docs[node.name] = rows
     sections = {"model": "ModelConfig", "model.lora": "LoraConfig", "data": "DataConfig",
                 "federation": "FederationConfig", "distill": "DistillConfig", "derive": "DeriveConfig",
-                "run": "RunConfig"}
+                "run": "RunConfig", "tasks.NAME": "TaskConfig"}
     out = []
     for section, cls_name in sections.items():
         out.append(f"\n### [{section}]\n\n| key | default | meaning |\n|---|---|---|")

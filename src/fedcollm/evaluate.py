@@ -17,7 +17,7 @@ def _requests(tokenizer, ex: MCExample, max_length: int) -> tuple[list[int], lis
     """Context tokens (shared by every choice) and each choice's continuation tokens, lm-eval style."""
     conts = []
     for c in range(len(ex.choices)):
-        ids, n = encode_pair(tokenizer, ex.context, ex.continuation(c), max_length)
+        ids, n = encode_pair(tokenizer, ex.context, ex.continuations[c], max_length)
         conts.append(ids[-n:])
     ctx = tokenizer(ex.context, add_special_tokens=False)["input_ids"]
     return ctx[-(max_length - max(len(x) for x in conts)):], conts
@@ -82,7 +82,7 @@ def choice_logprobs(model, tokenizer, examples: list[MCExample], max_length: int
 def accuracy(examples: list[MCExample], scores: list[list[float]]) -> dict[str, float]:
     correct = correct_norm = 0
     for ex, sc in zip(examples, scores):
-        norm = [s / len(ex.continuation(c)) for c, s in enumerate(sc)]
+        norm = [s / len(ex.continuations[c]) for c, s in enumerate(sc)]
         correct += max(range(len(sc)), key=sc.__getitem__) == ex.answer
         correct_norm += max(range(len(norm)), key=norm.__getitem__) == ex.answer
     n = len(examples)
@@ -90,6 +90,12 @@ def accuracy(examples: list[MCExample], scores: list[list[float]]) -> dict[str, 
 
 
 def evaluate_tasks(model, tokenizer, tasks: dict[str, list[MCExample]], max_length: int, batch_size: int,
-                   label: str = "") -> dict[str, dict[str, float]]:
-    return {task: accuracy(exs, choice_logprobs(model, tokenizer, exs, max_length, batch_size, f"eval {label} {task}"))
-            for task, exs in tasks.items()}
+                   label: str = "", curve_items: int | None = None) -> dict[str, dict]:
+    """Accuracy per task, and under "curve" the accuracy on its first `curve_items` items (None = all), so every
+    point of a per-round curve is read on the same items (evaluation sets are prefixes of a split)."""
+    out = {}
+    for task, exs in tasks.items():
+        scores = choice_logprobs(model, tokenizer, exs, max_length, batch_size, f"eval {label} {task}")
+        out[task] = accuracy(exs, scores)
+        out[task]["curve"] = accuracy(exs[:curve_items], scores[:curve_items])
+    return out

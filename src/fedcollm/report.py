@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedcollm.errors import RunDirError
+from fedcollm.fileio import atomic_write, atomic_write_json, atomic_write_text, read_json_file
 from fedcollm.runs import RunDir
 
 LLM_ROWS = ("zero_shot", "centralized", "fedcollm")
@@ -20,7 +22,7 @@ def _metric(final: dict, which: str, metric: str) -> dict[str, float]:
 
 def build_results(run: RunDir, setting: dict, communication: dict, extra_timing: dict | None = None) -> dict:
     cfg = run.read_config()
-    tasks = cfg["data"]["tasks"]
+    tasks = cfg["data"]["tasks"] + cfg["data"]["eval_tasks"]
     finals = {m: run.read_final(m) for m in cfg["run"]["methods"]}
     finals = {m: f for m, f in finals.items() if f is not None}
     results: dict = {"setting": setting, "tasks": tasks, "llm": {}, "slm": {}, "acc_norm": {"llm": {}, "slm": {}}}
@@ -69,9 +71,12 @@ def _verdicts(results: dict, which: str, rows: tuple[str, ...]) -> list[str]:
         if base == "fedcollm" or base not in results[which]:
             continue
         theirs = results[which][base]
-        wins = [t for t in results["tasks"] if ours[t] > theirs[t]]
-        losses = [t for t in results["tasks"] if ours[t] < theirs[t]]
-        d = 100 * sum(ours[t] - theirs[t] for t in results["tasks"]) / len(results["tasks"])
+        common = [t for t in results["tasks"] if t in ours and t in theirs]
+        if not common:
+            continue
+        wins = [t for t in common if ours[t] > theirs[t]]
+        losses = [t for t in common if ours[t] < theirs[t]]
+        d = 100 * sum(ours[t] - theirs[t] for t in common) / len(common)
         out.append(f"- {which.upper()} FedCoLLM vs {NAMES[base]}: {d:+.1f} points on average; better on "
                    f"{', '.join(wins) or 'no task'}; worse on {', '.join(losses) or 'no task'}.")
     return out
@@ -85,7 +90,7 @@ def to_markdown(results: dict) -> str:
     lines = [f"# Results: LLM {s.get('llm')} / SLM {s.get('slm')}",
              "",
              f"{s.get('clients')} clients, {s.get('rounds')} rounds, seed {s.get('seed')}. Zero-shot accuracy (%, "
-             f"lm-evaluation-harness `acc`) on the first N test items per task (CSQA: dev): N = {n}.",
+             f"lm-evaluation-harness `acc`) on the first N items of each task's evaluation split: N = {n}.",
              "", "## Table 1: server LLM", "", head]
     lines += [f"| {NAMES[m]} | {_row(v, tasks)} |" for m, v in results["llm"].items()]
     lines += ["", "## Table 2: client SLMs (FedAvg/FedCoLLM: the broadcast adapter every client holds; Standalone: "
@@ -96,9 +101,10 @@ def to_markdown(results: dict) -> str:
     lines += ["", "### FedCoLLM against each baseline", ""]
     lines += _verdicts(results, "llm", LLM_ROWS) + _verdicts(results, "slm", SLM_ROWS) or ["- (FedCoLLM not run)"]
     for which in ("llm", "slm"):
-        if results["acc_norm"][which]:
+        norm = results.get("acc_norm", {}).get(which)
+        if norm:
             lines += ["", f"acc_norm ({which.upper()}):", "", head]
-            lines += [f"| {NAMES[m]} | {_row(v, tasks)} |" for m, v in results["acc_norm"][which].items()]
+            lines += [f"| {NAMES[m]} | {_row(v, tasks)} |" for m, v in norm.items()]
     c = results.get("communication", {})
     if c:
         lines += ["", "## Table 3: communication per round", "",
@@ -114,6 +120,24 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _curve_points(records: list[dict], which: str, tasks: list[str]) -> dict[int, list[tuple[int, float]]]:
+    """Mean-over-tasks accuracy per evaluated round, grouped by the items behind it (N per task).
+
+    Each point is read from its round's "curve" block (the same first N items every round); records written
+    before curves existed only hold whatever was evaluated, so their points are grouped by N and never joined
+    across different N.
+    """
+    groups: dict[int, list[tuple[int, float]]] = {}
+    for r in records:
+        block = r.get("eval", {}).get(which)
+        if not block or not all(t in block for t in tasks):
+            continue
+        cells = [block[t].get("curve", block[t]) for t in tasks]
+        n = cells[0]["n"]
+        groups.setdefault(n, []).append((r["round"], 100 * sum(c["acc"] for c in cells) / len(cells)))
+    return groups
+
+
 def plot_rounds(run: RunDir, results: dict, path: Path) -> None:
     import matplotlib
 
@@ -121,31 +145,58 @@ def plot_rounds(run: RunDir, results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = results["tasks"]
+    zero_shot = run.read_final("zero_shot") or {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
+    sizes: set[int] = set()
     for ax, which in zip(axes, ("llm", "slm")):
+        start = _curve_points([{"round": 0, "eval": zero_shot}], which, tasks)
+        for n, pts in start.items():
+            ax.axhline(pts[0][1], ls="--", color="gray", label=f"Zero-Shot (N={n})")
         for method in ("fedcollm", "fedavg", "centralized", "standalone"):
-            pts = [(r["round"], r["eval"][which]) for r in run.read_metrics(method) if which in r.get("eval", {})]
-            if pts:
-                ax.plot([p[0] for p in pts], [100 * sum(v[t]["acc"] for t in tasks) / len(tasks) for _, v in pts],
-                        marker="o", label=NAMES[method])
-        zs = results[which].get("zero_shot")
-        if zs:
-            ax.axhline(100 * sum(zs.values()) / len(zs), ls="--", color="gray", label="Zero-Shot")
+            for n, pts in _curve_points(run.read_metrics(method), which, tasks).items():
+                pts = start.get(n, []) + pts  # round 0 = the untrained model, on the same items
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{NAMES[method]} (N={n})")
+                sizes.add(n)
         ax.set_title(f"{which.upper()} mean accuracy over {len(tasks)} task(s)")
         ax.set_xlabel("round")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("acc (%)")
-        ax.legend()
-    fig.text(0.5, 0.01, "intermediate rounds may use fewer items (run.round_eval_limit); the last round uses all",
-             ha="center", fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    note = ("every point of a line is on the same first N items per task" if len(sizes) <= 1 else
+            "lines with different N use different items and are not comparable point to point")
+    fig.text(0.5, 0.01, note, ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
+RESULT_KEYS = {"setting": dict, "tasks": list, "llm": dict, "slm": dict, "n_eval": dict}
+
+
+def load_results(run: RunDir) -> dict:
+    """RUN/results.json, refused with its path when it is not a fedcollm results file."""
+    path = run.path / "results.json"
+    if not run.path.is_dir():
+        raise RunDirError(f"{run.path}: no such run directory")
+    results = read_json_file(path, "results file")
+    if not isinstance(results, dict):
+        raise RunDirError(f"{path}: expected a JSON object of results")
+    for key, kind in RESULT_KEYS.items():
+        if not isinstance(results.get(key), kind):
+            raise RunDirError(f"{path}: key '{key}' missing or not a {kind.__name__}; not a fedcollm results file")
+    tasks = results["tasks"]
+    for which in ("llm", "slm"):
+        for method, row in results[which].items():
+            if method not in NAMES or not isinstance(row, dict) or not all(
+                    isinstance(v, (int, float)) for v in row.values()) or not set(row) <= set(tasks):
+                raise RunDirError(f"{path}: {which}.{method} is not a row of per-task accuracies for {tasks}")
+    return results
+
+
 def write_report(run: RunDir, results: dict) -> str:
-    (run.path / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(run.path / "results.json", results)
     md = to_markdown(results)
-    (run.path / "results.md").write_text(md)
+    atomic_write_text(run.path / "results.md", md)
     plot_rounds(run, results, run.path / "accuracy.png")
     return md

@@ -71,7 +71,7 @@ class SFTData:
 
     def __init__(self, examples: list[MCExample], tokenizer, max_length: int):
         self.examples = examples
-        self.encoded = [encode_pair(tokenizer, ex.context, ex.continuation(ex.answer), max_length) for ex in examples]
+        self.encoded = [encode_pair(tokenizer, ex.context, ex.continuations[ex.answer], max_length) for ex in examples]
         self.pad_id = tokenizer.pad_token_id
 
     def __len__(self) -> int:

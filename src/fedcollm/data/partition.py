@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcollm.config import DataConfig
-from fedcollm.data.tasks import MCExample, load_task
+from fedcollm.config import DataConfig, TaskConfig
+from fedcollm.data.tasks import MCExample, load_train_split
+from fedcollm.errors import ConfigError
 
 
 @dataclass
@@ -21,11 +22,12 @@ class FederatedSplit:
         return f"D^a: {len(self.aux)} examples; client shards: [{sizes}]"
 
 
-def load_train_pool(cfg: DataConfig, seed: int) -> dict[str, list[MCExample]]:
+def load_train_pool(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int) -> dict[str, list[MCExample]]:
+    """Each trained task's train split, shuffled (seeded) and cut to data.train_per_task."""
     rng = random.Random(seed)
     pool = {}
     for task in cfg.tasks:
-        examples = load_task(cfg.data_dir, task, "train")
+        examples = load_train_split(task, specs[task], cfg.data_dir)
         rng.shuffle(examples)
         pool[task] = examples[:cfg.train_per_task] if cfg.train_per_task else examples
     return pool
@@ -65,6 +67,9 @@ def partition(pool: dict[str, list[MCExample]], n_clients: int, cfg: DataConfig,
         rng.shuffle(shard)
     empty = [k for k, shard in enumerate(clients) if not shard]
     if empty:
-        raise ValueError(f"data.partition={cfg.partition!r} left client(s) {empty} without examples; "
-                         f"use more data, fewer clients or a larger data.dirichlet_alpha")
+        raise ConfigError(f"data.partition: {cfg.partition!r} left client(s) {empty} without examples; "
+                          f"use more data, fewer clients or a larger data.dirichlet_alpha")
+    if not aux:
+        raise ConfigError(f"data.aux_fraction: {cfg.aux_fraction} of {sum(map(len, pool.values()))} train examples "
+                          f"leaves the server's D^a empty; use more data or a larger aux_fraction")
     return FederatedSplit(aux=aux, clients=clients)

@@ -1,96 +1,232 @@
-"""Multiple-choice QA tasks: validated JSONL loading and lm-evaluation-harness-style zero-shot prompts.
+"""Multiple-choice tasks as data: rows from JSONL split files or a `datasets` source, validated row by row,
+rendered into (context, continuation) prompts by each task's templates (`TaskConfig`).
 
-ARC and (by our choice) CommonsenseQA use "Question: {q}\\nAnswer:" + " {choice}"; OpenBookQA uses the bare
-question stem + " {choice}", as lm-evaluation-harness formats them. Always score by the `answer` index.
+JSONL files are read here rather than through `datasets`' JSON loader: that loader parses with pyarrow, which
+reports neither line numbers nor duplicate keys, and this reader must name the file, line and field of every
+bad row. Sources given as `hf:ID` do go through `datasets` (a hub id where a hub is reachable, or a folder
+written by `save_to_disk`), and their rows pass the same checks.
+Accepted on purpose: a UTF-8 byte-order mark, CRLF line ends, blank lines, any length of text.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Any, Iterable
 
+from fedcollm.config import TaskConfig
+from fedcollm.errors import DataError
 
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names file, line and field."""
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MCExample:
     id: str
     task: str
-    question: str
-    choices: tuple[str, ...]
+    context: str
+    choices: tuple[str, ...]  # the choice texts as in the data
+    continuations: tuple[str, ...]  # each choice rendered by the task's continuation template
     answer: int
 
-    @property
-    def context(self) -> str:
-        return format_context(self.task, self.question)
 
-    def continuation(self, i: int) -> str:
-        return " " + self.choices[i]
+def bundled_data_dir() -> Path:
+    """The data that ships inside the package (what the embedded default needs)."""
+    return Path(str(resources.files("fedcollm") / "data" / "bundled"))
 
 
-EVAL_SPLIT = {"commonsenseqa": "dev", "openbookqa": "test", "arc_challenge": "test", "arc_easy": "test"}
+def resolve_folder(relative: str, data_dir: str | None, what: str) -> Path:
+    """`relative` under data.data_dir if it is there, else under the bundled data; absolute paths as given."""
+    path = Path(relative).expanduser()
+    if path.is_absolute():
+        if not path.is_dir():
+            raise DataError(f"{what}: folder {path} does not exist")
+        return path
+    candidates = ([Path(data_dir).expanduser() / path] if data_dir else []) + [bundled_data_dir() / path]
+    for folder in candidates:
+        if folder.is_dir():
+            if data_dir and folder != candidates[0]:
+                log.info("%s: %s not found, using the bundled copy %s", what, candidates[0], folder)
+            return folder
+    where = f"data.data_dir ({data_dir})" if data_dir else "data.data_dir (unset)"
+    shipped = ", ".join(sorted(p.name for p in bundled_data_dir().iterdir() if p.is_dir()))
+    raise DataError(f"{what}: no folder {relative!r} in {where} nor in the bundled data (which holds {shipped}); "
+                    f"set FEDCOLLM_DATA or data.data_dir to the folder that holds {relative}/")
 
 
-def format_context(task: str, question: str) -> str:
-    if task == "openbookqa":
-        return question
-    return f"Question: {question}\nAnswer:"
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"duplicate key(s) {', '.join(map(repr, dupes))}")
+    return dict(pairs)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    """(location, object) for every non-blank line; any undecodable line is a DataError naming file and line."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: file not found") from err
+    except IsADirectoryError as err:
+        raise DataError(f"{path}: is a directory, expected a JSONL file") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from err
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {lineno}: expected a JSON object")
-            rows.append((lineno, row))
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        where = f"{path}, line {lineno}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{where}: not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1})") from err
+        text = text.removeprefix("\ufeff") if lineno == 1 else text
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from err
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        rows.append((where, row))
     return rows
 
 
-def _validate_mc(path: Path, lineno: int, row: dict, task: str) -> MCExample:
-    where = f"{path}, line {lineno}"
-    for key, kind in (("id", str), ("question", str), ("choices", list), ("answer", int)):
-        if key not in row:
-            raise DataError(f"{where}: missing field '{key}'")
-        if not isinstance(row[key], kind) or (kind is int and isinstance(row[key], bool)):
-            raise DataError(f"{where}: field '{key}' must be {kind.__name__}, got {type(row[key]).__name__}")
-    choices = row["choices"]
-    if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise DataError(f"{where}: field 'choices' must be a list of at least 2 strings")
-    if not 0 <= row["answer"] < len(choices):
-        raise DataError(f"{where}: field 'answer' = {row['answer']} is out of range for {len(choices)} choices")
-    return MCExample(row["id"], task, row["question"], tuple(choices), row["answer"])
+def _field(row: dict, dotted: str, where: str) -> Any:
+    node: Any = row
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise DataError(f"{where}: missing field '{dotted}'")
+        node = node[part]
+    return node
 
 
-def load_task(data_dir: str | Path, task: str, split: str) -> list[MCExample]:
-    path = Path(data_dir) / task / f"{split}.jsonl"
-    return [_validate_mc(path, n, row, task) for n, row in read_jsonl(path)]
+def _text(value: Any, name: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return value
 
 
-def load_eval_split(data_dir: str | Path, task: str, limit: int | None = None) -> list[MCExample]:
-    examples = load_task(data_dir, task, EVAL_SPLIT[task])
-    return examples[:limit] if limit else examples
+def _answer_index(row: dict, spec: TaskConfig, n_choices: int, where: str) -> int:
+    answer = _field(row, spec.answer_field, where)
+    if isinstance(answer, str):
+        labels = _field(row, spec.labels_field, where)
+        if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels) and len(labels) == n_choices):
+            raise DataError(f"{where}: field '{spec.labels_field}' must list one string label per choice "
+                            f"({n_choices}) when '{spec.answer_field}' is a label")
+        if labels.count(answer) != 1:
+            raise DataError(f"{where}: field '{spec.answer_field}' = {answer!r} is not exactly one of the labels "
+                            f"{labels}")
+        return labels.index(answer)
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        raise DataError(f"{where}: field '{spec.answer_field}' must be a 0-based choice index or a label string, "
+                        f"got {type(answer).__name__} {answer!r}")
+    if not 0 <= answer < n_choices:
+        raise DataError(f"{where}: field '{spec.answer_field}' = {answer} is out of range for {n_choices} choices")
+    return answer
 
 
-def load_alpaca_texts(data_dir: str | Path) -> list[str]:
+def to_example(row: dict, name: str, spec: TaskConfig, where: str) -> MCExample:
+    """One validated row rendered into prompts; every refusal names `where` and the field."""
+    ex_id = _field(row, spec.id_field, where)
+    if isinstance(ex_id, bool) or not isinstance(ex_id, (str, int)) or not str(ex_id).strip():
+        raise DataError(f"{where}: field '{spec.id_field}' must be a non-empty string or integer id")
+    choices = _field(row, spec.choices_field, where)
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise DataError(f"{where}: field '{spec.choices_field}' must be a list of at least 2 choice strings")
+    for i, choice in enumerate(choices):
+        _text(choice, f"{spec.choices_field}[{i}]", where)
+    values = {f: _text(_field(row, f, where), f, where) for f in spec.template_fields}
+    context = spec.context.format_map(values)
+    if not context.strip():
+        raise DataError(f"{where}: the context template renders to empty text")
+    continuations = tuple(spec.continuation.format_map(values | {"choice": c}) for c in choices)
+    return MCExample(str(ex_id), name, context, tuple(choices), continuations,
+                     _answer_index(row, spec, len(choices), where))
+
+
+def _check_split(examples: list[MCExample], wheres: list[str], name: str, spec: TaskConfig, source: str) -> None:
+    if not examples:
+        raise DataError(f"{source}: no examples (task {name!r} needs at least one row)")
+    first: dict[str, str] = {}
+    for ex, where in zip(examples, wheres):
+        if ex.id in first:
+            raise DataError(f"{where}: duplicate id {ex.id!r} (first at {first[ex.id]})")
+        first[ex.id] = where
+    dupes = [where for ex, where in zip(examples, wheres) if len(set(ex.choices)) < len(ex.choices)]
+    if dupes and spec.duplicate_choices == "error":
+        raise DataError(f"{dupes[0]}: two choices have the same text (set tasks.{name}.duplicate_choices = "
+                        f"\"warn\" to keep such rows)")
+    if dupes:
+        log.warning("%s: %d row(s) have two identical choice texts (first: %s); kept and scored by index",
+                    source, len(dupes), dupes[0])
+
+
+def _hf_rows(spec: TaskConfig, split: str, name: str) -> tuple[str, Iterable[tuple[str, dict]]]:
+    source = spec.path.removeprefix("hf:")
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(f"task {name!r}: source {spec.path} needs the `datasets` package (pip install datasets)") from err
+    # datasets raises many exception types (hub, file system, arrow); each is reported as one line naming the source
+    try:
+        if Path(source).expanduser().is_dir():
+            loaded = datasets.load_from_disk(str(Path(source).expanduser()))
+            rows = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            rows = datasets.load_dataset(source, spec.subset, split=split)
+    except Exception as err:  # noqa: BLE001 - see the comment above
+        raise DataError(f"task {name!r}: cannot load split {split!r} of {spec.path}: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    label = f"{spec.path}[{split}]"
+    return label, ((f"{label} row {i}", dict(row)) for i, row in enumerate(rows))
+
+
+def load_split(name: str, spec: TaskConfig, split: str, data_dir: str | None) -> list[MCExample]:
+    """Every row of one split of task `name`, validated; errors name the file and line (or row) and field."""
+    if spec.path.startswith("hf:"):
+        source, rows = _hf_rows(spec, split, name)
+    else:
+        path = resolve_folder(spec.path, data_dir, f"task {name!r}") / f"{split}.jsonl"
+        source, rows = str(path), read_jsonl(path)
+    wheres, examples = [], []
+    for where, row in rows:
+        wheres.append(where)
+        examples.append(to_example(row, name, spec, where))
+    _check_split(examples, wheres, name, spec, source)
+    return examples
+
+
+def load_train_split(name: str, spec: TaskConfig, data_dir: str | None) -> list[MCExample]:
+    if spec.train_split is None:
+        raise DataError(f"task {name!r} has no train split (evaluation-only); set tasks.{name}.train_split")
+    return load_split(name, spec, spec.train_split, data_dir)
+
+
+def load_eval_split(name: str, spec: TaskConfig, data_dir: str | None, limit: int | None = None) -> list[MCExample]:
+    examples = load_split(name, spec, spec.eval_split, data_dir)
+    return examples if limit is None else examples[:limit]
+
+
+def load_alpaca_texts(data_dir: str | None) -> list[str]:
     """Alpaca rows as plain instruction/response text (generic text for healing a derived SLM)."""
-    path = Path(data_dir) / "alpaca_subset5k" / "train.jsonl"
+    path = resolve_folder("alpaca_subset5k", data_dir, "Alpaca subset") / "train.jsonl"
     texts = []
-    for lineno, row in read_jsonl(path):
+    for where, row in read_jsonl(path):
         for key in ("instruction", "input", "output"):
             if not isinstance(row.get(key), str):
-                raise DataError(f"{path}, line {lineno}: field '{key}' must be a string")
+                raise DataError(f"{where}: field '{key}' must be a string")
         prompt = row["instruction"] + (f"\n{row['input']}" if row["input"] else "")
         texts.append(f"Question: {prompt}\nAnswer: {row['output']}")
     return texts

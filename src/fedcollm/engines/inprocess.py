@@ -15,9 +15,10 @@ import logging
 import time
 from typing import Protocol
 
-from fedcollm.aggregate import accept_valid, fedavg
+from fedcollm.aggregate import fedavg, validate_update
 from fedcollm.algorithms.training import client_update, mutual_distill, sft_steps, unit_seed
 from fedcollm.comm import Payload, pack, unpack
+from fedcollm.errors import InvalidUpdate
 from fedcollm.data.batching import SFTData
 from fedcollm.evaluate import evaluate_tasks
 from fedcollm.models.lora import AdapterState, adapter_state, load_adapter_state
@@ -41,18 +42,26 @@ class SimulatedClient:
 
     def fit(self, blob: bytes, round_idx: int) -> bytes:
         fed = self.wb.cfg.federation
-        theta, n, step_log = client_update(self.wb.slm, unpack(blob).tensors, self.wb.client_data[self.k],
+        theta, n, step_log = client_update(self.wb.slm, unpack(blob, "server").tensors, self.wb.client_data[self.k],
                                            fed.local_epochs, fed.client_lr, fed.batch_size,
                                            unit_seed(self.wb.cfg.run.seed, round_idx, self.k))
         log.debug("%s round %d: loss %.4f", self.name, round_idx, step_log.mean_loss)
         return pack(Payload(theta, n))
 
 
+def curve_items(cfg) -> int | None:
+    """Items per task behind every point of the per-round curves (None = every evaluated item)."""
+    limits = [n for n in (cfg.run.round_eval_limit, cfg.data.eval_limit) if n is not None]
+    return min(limits, default=None)
+
+
 def evaluate_state(wb: Workbench, which: str, state: AdapterState, limit: int | None, label: str) -> dict:
+    """Accuracy of the LLM or SLM under `state` on the first `limit` items (None = all), plus its curve point."""
     model = wb.llm if which == "llm" else wb.slm
     load_adapter_state(model, state)
-    sets = {t: exs[:limit] if limit else exs for t, exs in wb.eval_sets.items()}
-    return evaluate_tasks(model, wb.tokenizer, sets, wb.cfg.model.max_length, wb.cfg.run.eval_batch_size, label)
+    sets = {t: exs[:limit] for t, exs in wb.eval_sets.items()}
+    return evaluate_tasks(model, wb.tokenizer, sets, wb.cfg.model.max_length, wb.cfg.run.eval_batch_size, label,
+                          curve_items(wb.cfg))
 
 
 def _eval_due(cfg, r: int) -> bool:
@@ -76,11 +85,11 @@ def run_method(wb: Workbench, method: str, run: RunDir, clients: list[Client] | 
     states = {"slm": wb.slm_init, "llm": wb.llm_init}
     if method == "standalone":
         states = {c.name: wb.slm_init for c in clients}
-    start = run.last_completed_round(method)
+    start = run.last_completed_round(method, cfg.federation.rounds)
     if start:
-        states = run.load_round(method, start)
+        states = run.load_round(method, start, states)
         log.info("%s: resuming after round %d", method, start)
-    run.truncate_metrics(method, start)
+    run.rebuild_metrics(method)
 
     union = None
     if method == "centralized":
@@ -98,7 +107,12 @@ def run_method(wb: Workbench, method: str, run: RunDir, clients: list[Client] | 
         elif method == "standalone":
             t0 = time.perf_counter()
             for c in clients:  # no server: each client continues from its own adapter
-                states[c.name] = unpack(c.fit(pack(Payload(states[c.name])), r)).tensors
+                try:
+                    payload = unpack(c.fit(pack(Payload(states[c.name])), r), c.name)
+                    validate_update(payload.tensors, states[c.name], payload.num_examples, c.name)
+                    states[c.name] = payload.tensors
+                except InvalidUpdate as err:
+                    log.warning("round %d: %s keeps its previous adapter: %s", r, c.name, err)
             timing["client_train_s"] = time.perf_counter() - t0
         elif method == "centralized":
             load_adapter_state(wb.llm, states["llm"])
@@ -113,7 +127,7 @@ def run_method(wb: Workbench, method: str, run: RunDir, clients: list[Client] | 
 
         if _eval_due(cfg, r):
             t0 = time.perf_counter()
-            limit = None if r == cfg.federation.rounds else (cfg.run.round_eval_limit or cfg.data.eval_limit)
+            limit = None if r == cfg.federation.rounds else curve_items(cfg)
             last_eval = _evaluate_round(wb, method, states, limit, r)
             timing["eval_s"] = time.perf_counter() - t0
             record["eval"] = last_eval
@@ -141,8 +155,15 @@ def _federated_round(wb: Workbench, method: str, clients: list[Client], states: 
     timing["client_train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    received = {name: unpack(blob) for name, blob in uploads.items()}
-    accepted = accept_valid({n: (p.tensors, p.num_examples) for n, p in received.items()}, states["slm"])
+    accepted = []
+    for name, blob in uploads.items():  # each payload decoded and checked alone: one bad client, one rejection
+        try:
+            payload = unpack(blob, name)
+            validate_update(payload.tensors, states["slm"], payload.num_examples, name)
+        except InvalidUpdate as err:
+            log.warning("round %d: rejected update: %s", r, err)
+            continue
+        accepted.append((payload.tensors, payload.num_examples))
     info = {"accepted": len(accepted), "rejected": len(clients) - len(accepted),
             "bytes_down": len(down) * len(clients), "bytes_up": sum(len(b) for b in uploads.values())}
     new_states = dict(states)
@@ -182,7 +203,9 @@ def _evaluate_round(wb: Workbench, method: str, states: dict, limit: int | None,
 
 
 def mean_over_clients(per_client: list[dict]) -> dict:
-    """The paper's Table 2 'mean' column: task metrics averaged over clients."""
-    tasks = per_client[0].keys()
-    return {t: {m: sum(c[t][m] for c in per_client) / len(per_client) for m in ("acc", "acc_norm")}
-            | {"n": per_client[0][t]["n"]} for t in tasks}
+    """The paper's Table 2 'mean' column: task metrics (and curve points) averaged over clients."""
+    def mean(blocks: list[dict]) -> dict:
+        return {m: sum(b[m] for b in blocks) / len(blocks) for m in ("acc", "acc_norm")} | {"n": blocks[0]["n"]}
+
+    return {t: mean([c[t] for c in per_client]) | {"curve": mean([c[t]["curve"] for c in per_client])}
+            for t in per_client[0]}

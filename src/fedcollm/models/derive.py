@@ -23,27 +23,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedcollm.config import DeriveConfig
+from fedcollm.config import DeriveConfig, parse_derived_spec
 from fedcollm.data.tasks import load_alpaca_texts
+from fedcollm.errors import ModelError
+from fedcollm.fileio import atomic_write_text
 from fedcollm.models.loading import cache_dir, load_model, load_tokenizer
 
 HELD_OUT_TEXTS = 128  # last Alpaca rows, never used for selection or healing
 
 
-def parse_derived_spec(spec: str) -> tuple[str, int] | None:
-    """`derived:BASE:N` -> (BASE, N); any other spec -> None."""
-    if not spec.startswith("derived:"):
-        return None
-    parts = spec.split(":")
-    if len(parts) != 3 or not parts[2].isdigit():
-        raise ValueError(f"derived model spec must be derived:BASE:N, got {spec!r}")
-    return parts[1], int(parts[2])
-
-
-def derived_dir(base: str, cfg: DeriveConfig) -> Path:
+def derived_dir(base: str, n_layers: int, cfg: DeriveConfig) -> Path:
     """Cache location keyed by every derive knob, so a changed knob never reuses a stale SLM."""
-    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    return cache_dir() / "models" / f"derived-{base}-{cfg.layers}l-{key}"
+    key = hashlib.sha256(json.dumps(asdict(cfg) | {"layers": n_layers}, sort_keys=True).encode()).hexdigest()[:8]
+    return cache_dir() / "models" / f"derived-{base}-{n_layers}l-{key}"
 
 
 def _layers(model) -> torch.nn.ModuleList:
@@ -158,9 +150,9 @@ def heal(student, teacher, batch: dict[str, torch.Tensor], cfg: DeriveConfig) ->
     return losses
 
 
-def derive_slm(base: str, cfg: DeriveConfig, data_dir: str, out_dir: Path | None = None) -> Path:
-    """Build (or reuse) the derived SLM and return its directory."""
-    out_dir = out_dir or derived_dir(base, cfg)
+def derive_slm(base: str, n_layers: int, cfg: DeriveConfig, data_dir: str | None, out_dir: Path | None = None) -> Path:
+    """Build (or reuse) the `n_layers`-layer SLM derived from `base` and return its directory."""
+    out_dir = out_dir or derived_dir(base, n_layers, cfg)
     if (out_dir / "config.json").exists():
         return out_dir
     t0 = time.time()
@@ -177,14 +169,17 @@ def derive_slm(base: str, cfg: DeriveConfig, data_dir: str, out_dir: Path | None
     teacher = load_model(base, dtype=torch.float32)
     held = tokenize_texts(tokenizer, held_out, cfg.seq_len)
     calib_batch = tokenize_texts(tokenizer, calib, cfg.calib_len)
+    n_total = len(_layers(teacher))
+    if n_layers >= n_total:
+        raise ModelError(f"derived:{base}:{n_layers}: {base} has only {n_total} decoder layers; keep fewer")
     ppl_teacher = math.exp(mean_nll(teacher, held))
 
-    selection = out_dir.with_name(f"selection-{base}-{cfg.layers}l-c{cfg.calib_texts}x{cfg.calib_len}-s{cfg.seed}.json")
+    selection = out_dir.with_name(f"selection-{base}-{n_layers}l-c{cfg.calib_texts}x{cfg.calib_len}-s{cfg.seed}.json")
     if selection.exists():  # selection is the slow half: keep it across interrupted derivations
         layer_ids = json.loads(selection.read_text())["layers"]
     else:
-        layer_ids, nll = greedy_select(teacher, calib_batch, cfg.layers)
-        selection.write_text(json.dumps({"layers": layer_ids, "calib_nll": nll}))
+        layer_ids, nll = greedy_select(teacher, calib_batch, n_layers)
+        atomic_write_text(selection, json.dumps({"layers": layer_ids, "calib_nll": nll}))
     student = copy.deepcopy(teacher)
     all_layers = _layers(student)
     with_layers(student, layer_ids, all_layers)
@@ -202,7 +197,7 @@ def derive_slm(base: str, cfg: DeriveConfig, data_dir: str, out_dir: Path | None
     losses = heal(student, teacher, heal_batch, cfg) if cfg.heal_steps else []
     ppl_healed = math.exp(mean_nll(student, held))
 
-    info = {"base": base, "layers": layer_ids, "config": asdict(cfg), "params": sum(p.numel() for p in student.parameters()),
+    info = {"base": base, "layers": layer_ids, "config": asdict(cfg) | {"layers": n_layers}, "params": sum(p.numel() for p in student.parameters()),
             "perplexity_held_out": {"teacher": ppl_teacher, "pruned": ppl_pruned, "healed": ppl_healed},
             "held_out": f"last {HELD_OUT_TEXTS} Alpaca-subset rows, {cfg.seq_len} tokens",
             "heal_loss_first_last": [losses[0], losses[-1]] if losses else None, "seconds": time.time() - t0}
@@ -211,17 +206,16 @@ def derive_slm(base: str, cfg: DeriveConfig, data_dir: str, out_dir: Path | None
     tokenizer.save_pretrained(tmp)
     (tmp / "derive_info.json").write_text(json.dumps(info, indent=2))
     tmp.rename(out_dir)
-    print(f"derived {cfg.layers}-layer SLM from {base}: layers {layer_ids}, {info['params'] / 1e6:.1f}M params\n"
+    print(f"derived {n_layers}-layer SLM from {base}: layers {layer_ids}, {info['params'] / 1e6:.1f}M params\n"
           f"  held-out perplexity: teacher {ppl_teacher:.1f}, pruned {ppl_pruned:.1f}, healed {ppl_healed:.1f}"
           f"  ({info['seconds']:.0f} s) -> {out_dir}")
     return out_dir
 
 
-def resolve_model_dir(spec: str, cfg: DeriveConfig, data_dir: str) -> str:
+def resolve_model_dir(spec: str, cfg: DeriveConfig, data_dir: str | None) -> str:
     """Turn `derived:BASE:N` into a model directory (deriving it on first use); other specs pass through."""
     parsed = parse_derived_spec(spec)
     if parsed is None:
         return spec
     base, n = parsed
-    cfg = DeriveConfig(**{**asdict(cfg), "layers": n})
-    return str(derive_slm(base, cfg, data_dir))
+    return str(derive_slm(base, n, cfg, data_dir))

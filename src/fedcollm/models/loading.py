@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fedcollm.errors import ConfigError, ModelError
 from fedcollm.models.registry import REGISTRY, resolve_gguf
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,8 @@ def cache_dir() -> Path:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"model.device = {device!r}, but torch sees no CUDA device here; use auto or cpu")
     return torch.device(device)
 
 
@@ -44,7 +47,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
              "fp16": torch.float16, "float16": torch.float16}
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+        raise ConfigError(f"model.dtype: unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
     return table[dtype]
 
 
@@ -82,17 +85,27 @@ def materialize(spec: str) -> Path | str:
         return target
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+            raise ModelError(f"model {spec}: {path} has no config.json, so it is not a Hugging Face model directory")
         return path
     if path.suffix == ".gguf" or spec.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model path {spec} does not exist")
+        raise ModelError(f"model {spec}: path does not exist")
     return spec  # a hub id; works only where a hub is reachable
+
+
+def _from_pretrained(loader, spec: str, **kwargs):
+    """`loader.from_pretrained` on what `spec` names; a name that is nothing here becomes one clear line."""
+    source = materialize(spec)
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as err:  # transformers' answer to an unknown hub id without a hub, or a damaged model folder
+        raise ModelError(f"model {spec}: cannot load it ({str(err).splitlines()[0]}); use a registry name "
+                         f"({', '.join(REGISTRY)}), derived:BASE:N, a local model folder or a .gguf file") from err
 
 
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(materialize(spec))
+    tokenizer = _from_pretrained(AutoTokenizer, spec)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -101,5 +114,5 @@ def load_tokenizer(spec: str):
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(materialize(spec), dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
     return model.to(device).eval()

@@ -11,6 +11,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedcollm.config import LoraConfig
+from fedcollm.errors import ConfigError
 
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"],
@@ -29,15 +30,29 @@ def target_modules(model, cfg: LoraConfig) -> list[str]:
         return list(cfg.target_modules)
     arch = model.config.model_type
     if arch not in DEFAULT_TARGETS:
-        raise ValueError(f"no default LoRA target modules for architecture {arch!r}; set model.lora.target_modules")
+        raise ConfigError(f"model.lora.target_modules: no default for architecture {arch!r}; name the modules to "
+                          f"adapt, e.g. {_linear_names(model)[:6]}")
     return DEFAULT_TARGETS[arch]
+
+
+def _linear_names(model) -> list[str]:
+    """Last name component of every module peft can adapt (Linear / GPT-2 Conv1D), in model order."""
+    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    return list(dict.fromkeys(names))
 
 
 def add_lora(model, cfg: LoraConfig, seed: int):
     """Wrap `model` with a fresh, seeded LoRA adapter; every base weight is frozen."""
+    targets = target_modules(model, cfg)
+    available = _linear_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:  # peft would adapt the rest silently (or fail with its own message when none match)
+        raise ConfigError(f"model.lora.target_modules: {missing} match no linear module of this "
+                          f"{model.config.model_type} model; available: {available}")
     torch.manual_seed(seed)
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=target_modules(model, cfg), task_type="CAUSAL_LM")
+                              target_modules=targets, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, peft_cfg)
     for name, p in peft_model.named_parameters():
         p.requires_grad = "lora_" in name
@@ -50,7 +65,7 @@ def adapter_state(model) -> AdapterState:
 
 
 def load_adapter_state(model, state: AdapterState) -> None:
-    result = set_peft_model_state_dict(model, state)
+    result = set_peft_model_state_dict(model, state)  # shapes are checked by callers (check_adapter_state)
     unexpected = getattr(result, "unexpected_keys", []) or []
     if unexpected:
         raise KeyError(f"adapter state has keys the model does not: {unexpected[:3]}")

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 
-class MissingModelPackage(RuntimeError):
+from fedcollm.errors import ModelError
+
+
+class MissingModelPackage(ModelError):
     """Raised when a registry model's weight packages are not installed."""
 
 
@@ -133,26 +136,26 @@ def file_sha256(path: Path) -> str:
 def verify_gguf(entry: BundledModel, path: Path) -> None:
     """Size and hash check: a truncated or mixed-up GGUF must never be converted."""
     if entry.size is not None and path.stat().st_size != entry.size:
-        raise RuntimeError(f"{path}: size {path.stat().st_size} != expected {entry.size} for {entry.name}")
+        raise ModelError(f"{path}: size {path.stat().st_size} != expected {entry.size} for {entry.name}")
     digest = file_sha256(path)
     ok = digest == entry.sha256 if entry.sha256 else (
         digest.startswith(entry.sha256_prefix) and digest.endswith(entry.sha256_suffix)
     )
     if not ok:
-        raise RuntimeError(f"{path}: sha256 {digest} does not match the registry entry for {entry.name}")
+        raise ModelError(f"{path}: sha256 {digest} does not match the registry entry for {entry.name}")
 
 
 def resolve_gguf(name: str, workdir: Path) -> Path:
     """Path of the verified GGUF file of registry model `name` (assembling parts into `workdir`)."""
     if name not in REGISTRY:
-        raise KeyError(f"unknown model {name!r}; registry models: {', '.join(REGISTRY)}")
+        raise ModelError(f"unknown model {name!r}; registry models: {', '.join(REGISTRY)}")
     entry = REGISTRY[name]
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         path = entry.locate(entry, workdir)
     except (ModuleNotFoundError, ImportError) as err:
         raise MissingModelPackage(
-            f"model {name!r} needs its weight packages ({err}). Install them with:\n  {entry.install_line}"
+            f"model {name!r} needs its weight packages ({err}); install them with: {entry.install_line}"
         ) from err
     verify_gguf(entry, path)
     return path
