@@ -58,3 +58,19 @@ def make_workbench(data_dir, tokenizer):
         return Workbench.from_models(tiny_config(data_dir, out_dir, **sections), llm, slm, tokenizer)
 
     return make
+
+
+def patch_tiny_build(mp: pytest.MonkeyPatch, tokenizer) -> None:
+    """Make Workbench.build load tiny models (whatever model the config names), so CLI paths run in seconds."""
+    from fedcollm.workbench import Workbench
+
+    def build(cls, cfg):
+        llm, slm = tiny_pair(seed=0)
+        return Workbench.from_models(cfg, llm, slm, tokenizer, "tiny-llm", "tiny-slm")
+
+    mp.setattr(Workbench, "build", classmethod(build))
+
+
+@pytest.fixture
+def tiny_build(monkeypatch, tokenizer):
+    patch_tiny_build(monkeypatch, tokenizer)

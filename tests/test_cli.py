@@ -3,19 +3,6 @@ import json
 import pytest
 
 from fedcollm import cli
-from fedcollm.workbench import Workbench
-
-
-@pytest.fixture
-def tiny_build(monkeypatch, data_dir, tokenizer):
-    """Workbench.build on tiny models, so the whole CLI path runs in seconds."""
-    from fedcollm.models.tiny import tiny_pair
-
-    def build(cfg):
-        llm, slm = tiny_pair(seed=0)
-        return Workbench.from_models(cfg, llm, slm, tokenizer, "tiny-llm", "tiny-slm")
-
-    monkeypatch.setattr(Workbench, "build", classmethod(lambda cls, cfg: build(cfg)))
 
 
 def _args(tmp_path, data_dir, *extra):
@@ -58,4 +45,4 @@ def test_bad_override_is_one_line_naming_the_field(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["run", "--set", "federation.clients=0"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "fedcollm: error: federation.clients: must be >= 1\n"
+    assert capsys.readouterr().err == "fedcollm: error: --set: federation.clients: must be >= 1\n"

@@ -3,8 +3,7 @@ import copy
 import pytest
 import torch
 
-from fedcollm.config import DeriveConfig
-from fedcollm.config import parse_derived_spec
+from fedcollm.config import DeriveConfig, parse_derived_spec
 from fedcollm.errors import ConfigError
 from fedcollm.models.derive import greedy_select, heal, mean_nll, tokenize_texts, with_layers
 from fedcollm.models.tiny import tiny_llama

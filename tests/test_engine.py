@@ -98,3 +98,13 @@ def test_every_method_runs_and_reports(make_workbench, tmp_path):
     assert "Table 1" in md and "FedCoLLM vs FedAvg" in md
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     assert json.loads((tmp_path / "results.json").read_text())["n_eval"] == {"arc_easy": 6}
+
+
+def test_engine_never_branches_on_method_names():
+    import inspect
+
+    from fedcollm.engines import inprocess
+    from fedcollm.methods import METHOD_CLASSES
+
+    source = inspect.getsource(inprocess)
+    assert not [name for name in METHOD_CLASSES if f'"{name}"' in source or f"'{name}'" in source]

@@ -16,8 +16,8 @@ def test_acc_and_acc_norm_follow_lm_eval():
 
 
 def test_choice_logprobs_match_an_unpadded_forward(data_dir, tokenizer, models):
-    from fedcollm.data.batching import encode_pair
     from fedcollm.config import preset_tasks
+    from fedcollm.data.batching import encode_pair
     from fedcollm.data.tasks import load_eval_split
 
     llm, _ = models

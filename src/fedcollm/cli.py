@@ -67,7 +67,8 @@ def _run_all(wb, run) -> dict:
 
     from fedcollm.algorithms.training import time_fwd_bwd, unit_seed
     from fedcollm.comm import Payload, num_params, pack
-    from fedcollm.engines.inprocess import curve_items, run_method
+    from fedcollm.engines.inprocess import run_method
+    from fedcollm.methods.base import curve_items
     from fedcollm.models.lora import count_parameters
     from fedcollm.report import build_results, write_report
 
@@ -118,7 +119,7 @@ def cmd_run(args) -> None:
         return
     cfg = load_config(args.config, args.set, args.limit)
     if args.out is not None:
-        cfg = cfg.with_field("run.out_dir", args.out)
+        cfg = cfg.with_field("run.out_dir", args.out, where="--out")
     run_experiment(cfg)
 
 

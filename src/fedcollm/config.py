@@ -40,13 +40,13 @@ def default_data_dir() -> str | None:
     return os.environ.get("FEDCOLLM_DATA") or None
 
 
-def parse_derived_spec(spec: str) -> tuple[str, int] | None:
+def parse_derived_spec(spec: str, where: str = "model") -> tuple[str, int] | None:
     """`derived:BASE:N` -> (BASE, N); any other model spec -> None."""
     if not spec.startswith("derived:"):
         return None
     parts = spec.split(":")
     if len(parts) != 3 or not parts[1] or not parts[2].isdigit() or int(parts[2]) < 1:
-        raise ConfigError(f"model spec {spec!r}: expected derived:BASE:N with N >= 1 layers, e.g. "
+        raise ConfigError(f"{where}: {spec!r} is not derived:BASE:N with N >= 1 layers, e.g. "
                           f"derived:smollm2-135m:10")
     return parts[1], int(parts[2])
 
@@ -155,8 +155,8 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
-        parse_derived_spec(self.llm)
-        parse_derived_spec(self.slm)
+        parse_derived_spec(self.llm, "model.llm")
+        parse_derived_spec(self.slm, "model.slm")
         _check(self.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", "auto, bf16, fp16 or fp32")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "model.device",
                f"auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -339,19 +339,24 @@ class Config:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, where: str = "config") -> "Config":
-        return _build(cls, data, where)
+        """Build and validate; `where` (a file path, or "config"/"override") prefixes every message."""
+        try:
+            return _build(cls, data, where)
+        except ConfigError as err:
+            if str(err).startswith(where):
+                raise
+            raise ConfigError(f"{where}: {err}") from err
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Config":
+        from fedcollm.fileio import read_bytes
+
         path = Path(path)
+        raw = read_bytes(path, "config file", ConfigError)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise ConfigError(f"{path}: config file not found") from err
+            data = tomllib.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from err
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from err
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from err
         return cls.from_dict(data, where=str(path))
@@ -367,13 +372,13 @@ class Config:
             except tomllib.TOMLDecodeError:
                 value = raw.strip()
             _assign(data, key.strip(), None if value == "none" else value)
-        return Config.from_dict(data, where="override")
+        return Config.from_dict(data, where="--set")
 
-    def with_field(self, key: str, value: Any) -> "Config":
+    def with_field(self, key: str, value: Any, where: str = "override") -> "Config":
         """This config with one dotted field replaced by a plain Python value (validated like an override)."""
         data = self.to_dict()
         _assign(data, key, value)
-        return Config.from_dict(data, where="override")
+        return Config.from_dict(data, where=where)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

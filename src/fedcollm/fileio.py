@@ -26,18 +26,25 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
 
 
-def read_json_file(path: str | Path, what: str, error: type[Exception] = RunDirError) -> Any:
-    """Parse a JSON file this program wrote; a missing, unreadable or cut file is `error` naming the path."""
+def read_bytes(path: str | Path, what: str, error: type[Exception]) -> bytes:
+    """The bytes of `path`; missing, a directory or unreadable is `error` naming the path and what was expected."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError as err:
         raise error(f"{path}: {what} not found") from err
     except IsADirectoryError as err:
-        raise error(f"{path}: expected the {what} file, found a directory") from err
+        raise error(f"{path}: is a directory, expected the {what}") from err
+    except OSError as err:
+        raise error(f"{path}: cannot read the {what} ({err.strerror})") from err
+
+
+def read_json_file(path: str | Path, what: str, error: type[Exception] = RunDirError) -> Any:
+    """Parse a JSON file this program wrote; a missing, unreadable or cut file is `error` naming the path."""
+    raw = read_bytes(path, what, error)
+    try:
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise error(f"{path}: {what} is not UTF-8 text (damaged file?)") from err
     except json.JSONDecodeError as err:
         raise error(f"{path}: {what} is not valid JSON (line {err.lineno}: {err.msg}); the file is damaged") from err
-    except OSError as err:
-        raise error(f"{path}: cannot read the {what} ({err.strerror})") from err

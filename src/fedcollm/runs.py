@@ -127,6 +127,7 @@ class RunDir:
 
     def rebuild_metrics(self, method: str) -> None:
         """metrics.jsonl = the done.json records in round order (drops lines of rounds that never completed)."""
+        self.read_metrics(method)  # warns about any line a crash cut short before it is replaced
         records = self.done_records(method)
         self.method_dir(method).mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.method_dir(method) / "metrics.jsonl",

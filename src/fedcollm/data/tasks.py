@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from fedcollm.config import TaskConfig
 from fedcollm.errors import DataError
+from fedcollm.fileio import read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def resolve_folder(relative: str, data_dir: str | None, what: str) -> Path:
         if not path.is_dir():
             raise DataError(f"{what}: folder {path} does not exist")
         return path
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise DataError(f"data.data_dir: folder {data_dir} does not exist (set by the config or FEDCOLLM_DATA)")
     candidates = ([Path(data_dir).expanduser() / path] if data_dir else []) + [bundled_data_dir() / path]
     for folder in candidates:
         if folder.is_dir():
@@ -71,14 +74,7 @@ def _no_constant(name: str):
 
 def read_jsonl(path: Path) -> list[tuple[str, dict]]:
     """(location, object) for every non-blank line; any undecodable line is a DataError naming file and line."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: file not found") from err
-    except IsADirectoryError as err:
-        raise DataError(f"{path}: is a directory, expected a JSONL file") from err
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror})") from err
+    raw = read_bytes(path, "JSONL file", DataError)
     rows = []
     for lineno, line in enumerate(raw.split(b"\n"), 1):
         where = f"{path}, line {lineno}"

@@ -1,0 +1,73 @@
+"""A method is one row of the paper's tables: what the server sends each client, how it combines what comes back,
+what it does after, and what is scored. Engines (in-process, Flower) drive these hooks and only move messages;
+they never ask which method they run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+from fedcollm.config import Config
+from fedcollm.evaluate import evaluate_tasks
+from fedcollm.models.lora import AdapterState, load_adapter_state
+from fedcollm.workbench import Workbench
+
+log = logging.getLogger(__name__)
+
+States = dict[str, AdapterState]  # named adapters a method tracks: "slm", "llm", or one per client
+Updates = dict[str, tuple[AdapterState, int]]  # accepted client uploads: name -> (adapter, example count)
+
+
+def curve_items(cfg: Config) -> int | None:
+    """Items per task behind every point of the per-round curves (None = every evaluated item)."""
+    limits = [n for n in (cfg.run.round_eval_limit, cfg.data.eval_limit) if n is not None]
+    return min(limits, default=None)
+
+
+def evaluate_state(wb: Workbench, which: str, state: AdapterState, limit: int | None, label: str) -> dict:
+    """Accuracy of the LLM or SLM under `state` on the first `limit` items (None = all), plus its curve point."""
+    model = wb.llm if which == "llm" else wb.slm
+    load_adapter_state(model, state)
+    sets = {t: exs[:limit] for t, exs in wb.eval_sets.items()}
+    return evaluate_tasks(model, wb.tokenizer, sets, wb.cfg.model.max_length, wb.cfg.run.eval_batch_size, label,
+                          curve_items(wb.cfg))
+
+
+def mean_over_clients(per_client: list[dict]) -> dict:
+    """The paper's Table 2 'mean' column: task metrics (and curve points) averaged over clients."""
+    def mean(blocks: list[dict]) -> dict:
+        return {m: sum(b[m] for b in blocks) / len(blocks) for m in ("acc", "acc_norm")} | {"n": blocks[0]["n"]}
+
+    return {t: mean([c[t] for c in per_client]) | {"curve": mean([c[t]["curve"] for c in per_client])}
+            for t in per_client[0]}
+
+
+class Method:
+    """The no-training row (Zero-Shot) and the defaults every other method overrides."""
+
+    name: ClassVar[str] = "zero_shot"
+    trains: ClassVar[bool] = False  # False: evaluated once, no rounds
+    scores: ClassVar[tuple[str, ...]] = ("llm", "slm")  # which models its table rows report
+
+    def __init__(self, wb: Workbench):
+        self.wb = wb
+
+    def initial_states(self, clients: list[str]) -> States:
+        return {"slm": self.wb.slm_init, "llm": self.wb.llm_init}
+
+    def client_task(self, states: States, client: str) -> AdapterState | None:
+        """The adapter `client` fine-tunes this round (None: the client is not asked to train)."""
+        return None
+
+    def aggregate(self, states: States, updates: Updates, r: int) -> States:
+        """Combine the accepted uploads of round `r` (already decoded and validated one by one)."""
+        return states
+
+    def server_update(self, states: States, r: int) -> tuple[States, dict, dict]:
+        """What the server computes after aggregation: (new states, record fields, timing in seconds)."""
+        return states, {}, {}
+
+    def evaluate(self, states: States, limit: int | None, r: int) -> dict:
+        return {which: evaluate_state(self.wb, which, states[which], limit, f"{self.name} r{r} {which.upper()}")
+                for which in self.scores}
