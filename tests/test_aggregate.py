@@ -43,3 +43,27 @@ def test_validate_rejects_and_names_client(mutate, message):
 def test_validate_rejects_bad_count():
     with pytest.raises(InvalidUpdate, match="num_examples"):
         validate_update(_state(0), _state(1), 0, "c1")
+
+
+def _norm(state) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in state.values())))
+
+
+def test_bound_update_caps_counts_and_clips_or_rejects_big_changes(caplog):
+    from fedcollm.aggregate import bound_update
+
+    sent = _state(0)
+    small = {k: v + 0.01 for k, v in sent.items()}
+    assert bound_update(small, sent, 10, "c1", 100, 2.0, "clip") == (small, 10)
+    with caplog.at_level("WARNING"):
+        _, n = bound_update(small, sent, 10**12, "c2", 100, 2.0, "clip")
+    assert n == 100 and "client c2: claimed 1000000000000 examples" in caplog.text
+
+    for scale in (1e6, 3e38 / 10):  # scaled up, and values near the float32 maximum
+        big = {k: v * scale for k, v in sent.items()}
+        clipped, _ = bound_update(big, sent, 5, "c3", 100, 2.0, "clip")
+        delta = {k: clipped[k] - sent[k] for k in sent}
+        assert abs(_norm(delta) - 2.0 * _norm(sent)) < 1e-3 * _norm(sent)
+        assert all(torch.isfinite(t).all() for t in clipped.values())
+        with pytest.raises(InvalidUpdate, match="client c4: update norm .* exceeds the bound"):
+            bound_update(big, sent, 5, "c4", 100, 2.0, "reject")

@@ -3,7 +3,7 @@ import json
 import torch
 
 from fedcollm.comm import Payload, pack, states_equal, unpack
-from fedcollm.engines.inprocess import SimulatedClient, run_method
+from fedcollm.engines.inprocess import InProcessTransport, SimulatedClient, run_method
 from fedcollm.runs import RunDir
 
 
@@ -32,7 +32,7 @@ def test_rejected_update_leaves_round_running(make_workbench, tmp_path, caplog):
     wb = make_workbench(str(tmp_path))
     clients = [SimulatedClient(wb, 0), NaNClient(wb, 1), SimulatedClient(wb, 2)]
     with caplog.at_level("WARNING"):
-        final = run_method(wb, "fedavg", RunDir(tmp_path), clients)
+        final = run_method(wb, "fedavg", RunDir(tmp_path), InProcessTransport(clients))
     records = RunDir(tmp_path).read_metrics("fedavg")
     assert [r["rejected"] for r in records] == [1, 1]
     assert [r["accepted"] for r in records] == [2, 2]
@@ -108,3 +108,47 @@ def test_engine_never_branches_on_method_names():
 
     source = inspect.getsource(inprocess)
     assert not [name for name in METHOD_CLASSES if f'"{name}"' in source or f"'{name}'" in source]
+
+
+class GreedyClient(SimulatedClient):
+    """A poisoning client: claims 10^12 examples and scales its update by 10^6."""
+
+    def fit(self, blob, round_idx):
+        sent = unpack(blob).tensors
+        payload = unpack(super().fit(blob, round_idx))
+        scaled = {k: sent[k] + (v - sent[k]) * 1e6 for k, v in payload.tensors.items()}
+        return pack(Payload(scaled, 10**12))
+
+
+def test_a_poisoning_client_cannot_take_over_the_average(make_workbench, tmp_path, caplog):
+    wb = make_workbench(str(tmp_path), federation={"rounds": 1})
+    honest = make_workbench(str(tmp_path / "h"), federation={"rounds": 1})
+    with caplog.at_level("WARNING"):
+        run_method(wb, "fedavg", RunDir(tmp_path), InProcessTransport(
+            [SimulatedClient(wb, 0), GreedyClient(wb, 1), SimulatedClient(wb, 2)]))
+    assert "client client_1: claimed 1000000000000 examples" in caplog.text
+    assert "client client_1: update norm" in caplog.text and "clipped" in caplog.text
+    run_method(honest, "fedavg", RunDir(tmp_path / "h"))
+    refs = {"slm": wb.slm_init}
+    poisoned = RunDir(tmp_path).load_round("fedavg", 1, refs)["slm"]
+    clean = RunDir(tmp_path / "h").load_round("fedavg", 1, refs)["slm"]
+
+    def dist(a, b):
+        return float(torch.sqrt(sum(((a[k] - b[k]).double() ** 2).sum() for k in a)))
+    init_norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in wb.slm_init.values())))
+    # the average moved by at most the clipped change weighted by the capped count, not by 10^6
+    assert dist(poisoned, wb.slm_init) <= 2.0 * init_norm and dist(poisoned, clean) < 2.0 * init_norm
+
+
+def test_client_sampling_is_seeded_and_shared_by_engines(make_workbench, tmp_path):
+    from fedcollm.engines.inprocess import sample_clients
+
+    names = [f"client_{k}" for k in range(4)]
+    picks = [sample_clients(names, 0.5, 1, 0, r) for r in (1, 2, 3)]
+    assert all(len(p) == 2 for p in picks) and picks == [sample_clients(names, 0.5, 1, 0, r) for r in (1, 2, 3)]
+    assert len({tuple(p) for p in picks}) > 1
+    assert sample_clients(names, 0.1, 3, 0, 1).__len__() == 3
+    wb = make_workbench(str(tmp_path), federation={"fraction_fit": 0.5, "min_fit_clients": 1})
+    run_method(wb, "fedavg", RunDir(tmp_path))
+    records = RunDir(tmp_path).read_metrics("fedavg")
+    assert [len(r["sampled"]) for r in records] == [2, 2] and [r["accepted"] for r in records] == [2, 2]

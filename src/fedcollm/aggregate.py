@@ -41,6 +41,31 @@ def validate_update(update: AdapterState, reference: AdapterState, num_examples:
         raise InvalidUpdate(f"client {client}: {problem}")
 
 
+def bound_update(update: AdapterState, sent: AdapterState, num_examples: int, client: str, max_examples: int,
+                 max_ratio: float, action: str) -> tuple[AdapterState, int]:
+    """Apply the robustness policy to one validated update: cap its example count, bound the norm of its change.
+
+    The change theta_k - theta is measured in float64 against the adapter the client was sent; one over
+    `max_ratio` * ||theta|| is scaled down onto the bound ("clip") or refused ("reject"). Either is logged with
+    the client's name, so a client cannot buy the average with a huge count or a scaled-up update.
+    """
+    if num_examples > max_examples:
+        log.warning("client %s: claimed %d examples, counted as federation.max_examples = %d", client, num_examples,
+                    max_examples)
+        num_examples = max_examples
+    delta = {k: update[k].double() - sent[k].double() for k in sent}
+    norm = torch.sqrt(sum((d * d).sum() for d in delta.values())).item()
+    bound = max_ratio * torch.sqrt(sum((t.double() ** 2).sum() for t in sent.values())).item()
+    if norm > bound:
+        if action == "reject":
+            raise InvalidUpdate(f"client {client}: update norm {norm:.4g} exceeds the bound {bound:.4g} "
+                                f"(federation.max_update_ratio x ||adapter||)")
+        log.warning("client %s: update norm %.4g clipped to %.4g (federation.max_update_ratio)", client, norm, bound)
+        scale = bound / norm
+        update = {k: (sent[k].double() + delta[k] * scale).to(sent[k].dtype) for k in sent}
+    return update, num_examples
+
+
 def fedavg(updates: list[tuple[AdapterState, int]]) -> AdapterState:
     """Sample-weighted mean: sum_k n_k * theta_k / sum_k n_k, accumulated in float64."""
     if not updates:

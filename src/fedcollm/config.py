@@ -205,9 +205,25 @@ class FederationConfig:
     """Learning rate eta_theta of the clients' AdamW on the SLM adapter."""
     batch_size: int = 8
     """Examples per optimizer step, clients and centralized baseline."""
+    fraction_fit: float = 1.0
+    """Share of the clients asked to train each round (a seeded sample, the same on every engine)."""
+    min_fit_clients: int = 1
+    """Fewest clients sampled a round; a round whose accepted uploads fall below it keeps the global adapter."""
+    max_examples: int = 100_000
+    """A client's claimed example count above this is cut to it (logged with the client's name): bounds its weight."""
+    max_update_ratio: float = 2.0
+    """Largest L2 norm of a client's change to the adapter it was sent, relative to that adapter's norm."""
+    norm_action: str = "clip"
+    """What happens to an update over max_update_ratio: clip (scale the change down to the bound) or reject."""
 
     def __post_init__(self) -> None:
         _check(self.clients >= 1, "federation.clients", "must be >= 1")
+        _check(0.0 < self.fraction_fit <= 1.0, "federation.fraction_fit", "must be in (0, 1]")
+        _check(1 <= self.min_fit_clients <= self.clients, "federation.min_fit_clients",
+               f"must be in [1, federation.clients = {self.clients}]")
+        _check(self.max_examples >= 1, "federation.max_examples", "must be >= 1")
+        _check(self.max_update_ratio > 0, "federation.max_update_ratio", "must be > 0")
+        _check(self.norm_action in ("clip", "reject"), "federation.norm_action", "clip or reject")
         _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
         _check(self.local_epochs >= 1, "federation.local_epochs", "must be >= 1")
         _check(self.client_lr > 0, "federation.client_lr", "must be > 0")

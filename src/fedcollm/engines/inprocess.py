@@ -7,10 +7,12 @@ The engine only moves bytes, keeps time and checkpoints; what is computed lives 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import time
 from typing import Protocol
 
-from fedcollm.aggregate import validate_update
+from fedcollm.aggregate import bound_update, validate_update
 from fedcollm.algorithms.training import client_update, unit_seed
 from fedcollm.comm import Payload, pack, unpack
 from fedcollm.errors import InvalidUpdate
@@ -28,6 +30,18 @@ class Client(Protocol):
     def fit(self, blob: bytes, round_idx: int) -> bytes: ...
 
 
+class Transport(Protocol):
+    """How the server reaches its clients: send each named client its task, return what came back.
+
+    A reply is a decoded Payload, or the InvalidUpdate that decoding it raised; a client that did not answer
+    (dropped, timed out) is simply missing. Byte counts are of what crossed the wire, each way.
+    """
+
+    client_names: list[str]
+
+    def fit(self, tasks: dict[str, Payload], round_idx: int) -> tuple[dict[str, Payload | InvalidUpdate], int, int]: ...
+
+
 class SimulatedClient:
     """Client k in this process: receives the broadcast bytes, trains on its own shard, returns bytes."""
 
@@ -43,12 +57,42 @@ class SimulatedClient:
         return pack(Payload(theta, n))
 
 
+class InProcessTransport:
+    """Clients in this process, called one after another; every message is serialized as on a wire."""
+
+    def __init__(self, clients: list[Client]):
+        self.clients = {c.name: c for c in clients}
+        self.client_names = list(self.clients)
+
+    def fit(self, tasks: dict[str, Payload], round_idx: int) -> tuple[dict[str, Payload | InvalidUpdate], int, int]:
+        replies: dict[str, Payload | InvalidUpdate] = {}
+        down = up = 0
+        for name, task in tasks.items():
+            blob = pack(task)
+            reply = self.clients[name].fit(blob, round_idx)
+            down, up = down + len(blob), up + len(reply)
+            try:
+                replies[name] = unpack(reply, name)
+            except InvalidUpdate as err:
+                replies[name] = err
+        return replies, down, up
+
+
+def sample_clients(names: list[str], fraction: float, minimum: int, seed: int, round_idx: int) -> list[str]:
+    """The clients asked to train in a round: max(minimum, ceil(fraction * K)) of them, seeded by (seed, round)."""
+    k = min(len(names), max(minimum, math.ceil(fraction * len(names) - 1e-9)))
+    if k == len(names):
+        return list(names)
+    chosen = set(random.Random(unit_seed(seed, round_idx, -2)).sample(names, k))
+    return [n for n in names if n in chosen]
+
+
 def _eval_due(cfg, r: int) -> bool:
     every = cfg.run.eval_every
     return r == cfg.federation.rounds or (every > 0 and r % every == 0)
 
 
-def run_method(wb: Workbench, name: str, run: RunDir, clients: list[Client] | None = None) -> dict:
+def run_method(wb: Workbench, name: str, run: RunDir, transport: Transport | None = None) -> dict:
     """Run one method to completion (resuming after its last completed round); returns its final evaluation."""
     cfg = wb.cfg
     final = run.read_final(name)
@@ -60,8 +104,8 @@ def run_method(wb: Workbench, name: str, run: RunDir, clients: list[Client] | No
         run.write_final(name, final)
         return final
 
-    clients = clients or [SimulatedClient(wb, k) for k in range(cfg.federation.clients)]
-    states = method.initial_states([c.name for c in clients])
+    transport = transport or InProcessTransport([SimulatedClient(wb, k) for k in range(cfg.federation.clients)])
+    states = method.initial_states(transport.client_names)
     start = run.last_completed_round(name, cfg.federation.rounds)
     if start:
         states = run.load_round(name, start, states)
@@ -73,7 +117,7 @@ def run_method(wb: Workbench, name: str, run: RunDir, clients: list[Client] | No
         t_round = time.perf_counter()
         timing: dict[str, float] = {}
         record: dict = {"round": r, "method": name}
-        states = _client_phase(method, clients, states, r, timing, record)
+        states = _client_phase(method, transport, states, r, timing, record)
         states, info, server_timing = method.server_update(states, r)
         record.update(info)
         timing.update(server_timing)
@@ -96,30 +140,39 @@ def run_method(wb: Workbench, name: str, run: RunDir, clients: list[Client] | No
     return last_eval
 
 
-def _client_phase(method: Method, clients: list[Client], states: States, r: int, timing: dict,
+def _client_phase(method: Method, transport: Transport, states: States, r: int, timing: dict,
                   record: dict) -> States:
-    """Send each client its task, decode and check every upload on its own, let the method combine the rest."""
-    tasks = {c.name: method.client_task(states, c.name) for c in clients}
-    called = [c for c in clients if tasks[c.name] is not None]
-    if not called:
+    """Send each sampled client its task, check every reply on its own, let the method combine the accepted ones."""
+    fed, seed = method.wb.cfg.federation, method.wb.cfg.run.seed
+    sampled = sample_clients(transport.client_names, fed.fraction_fit, fed.min_fit_clients, seed, r)
+    tasks = {name: method.client_task(states, name) for name in sampled}
+    tasks = {name: Payload(task) for name, task in tasks.items() if task is not None}
+    if not tasks:
         return states
     t0 = time.perf_counter()
-    downs = {c.name: pack(Payload(tasks[c.name])) for c in called}
-    uploads = {c.name: c.fit(downs[c.name], r) for c in called}
+    replies, bytes_down, bytes_up = transport.fit(tasks, r)
     timing["client_train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     accepted = {}
-    for name, blob in uploads.items():  # one bad client is one rejected update, never a lost round
+    for name in tasks:  # one bad client is one rejected update, never a lost round
+        reply = replies.get(name)
         try:
-            payload = unpack(blob, name)
-            validate_update(payload.tensors, tasks[name], payload.num_examples, name)
+            if reply is None:
+                raise InvalidUpdate(f"client {name}: no reply (dropped out or timed out)")
+            if isinstance(reply, InvalidUpdate):
+                raise reply
+            validate_update(reply.tensors, tasks[name].tensors, reply.num_examples, name)
+            accepted[name] = bound_update(reply.tensors, tasks[name].tensors, reply.num_examples, name,
+                                          fed.max_examples, fed.max_update_ratio, fed.norm_action)
         except InvalidUpdate as err:
             log.warning("round %d: rejected update: %s", r, err)
-            continue
-        accepted[name] = (payload.tensors, payload.num_examples)
-    states = method.aggregate(states, accepted, r)
+    if len(accepted) < fed.min_fit_clients:
+        log.warning("round %d: %d accepted update(s), fewer than federation.min_fit_clients = %d; the adapters "
+                    "are kept", r, len(accepted), fed.min_fit_clients)
+    else:
+        states = method.aggregate(states, accepted, r)
     timing["aggregate_s"] = time.perf_counter() - t0
-    record.update({"accepted": len(accepted), "rejected": len(uploads) - len(accepted),
-                   "bytes_down": sum(map(len, downs.values())), "bytes_up": sum(map(len, uploads.values()))})
+    record.update({"sampled": sampled, "accepted": len(accepted), "rejected": len(tasks) - len(accepted),
+                   "bytes_down": bytes_down, "bytes_up": bytes_up})
     return states
