@@ -27,8 +27,11 @@ def load_config(path: str | None, overrides: list[str], limit: int | None = None
     return cfg.override(overrides) if overrides else cfg
 
 
-def run_experiment(cfg: Config) -> dict:
-    """Start a new run in cfg.run.out_dir; nothing is written there until the data and models have loaded."""
+def run_experiment(cfg: Config, connect=None) -> dict:
+    """Start a new run in cfg.run.out_dir; nothing is written there until the data, models and clients are ready.
+
+    `connect(wb)` returns the transport to the clients (default: simulated clients in this process).
+    """
     from fedcollm.runs import RunDir
     from fedcollm.workbench import Workbench
 
@@ -36,12 +39,13 @@ def run_experiment(cfg: Config) -> dict:
     run.check_fresh()
     _set_threads(cfg)
     wb = Workbench.build(cfg)
+    transport = connect(wb) if connect else None
     run.check_fresh()  # still free after the (possibly long) model preparation
     run.write_config(cfg.to_json())
-    return _run_all(wb, run)
+    return _run_all(wb, run, transport)
 
 
-def resume_experiment(path: str | Path) -> dict:
+def resume_experiment(path: str | Path, connect=None) -> dict:
     """Continue the run in `path` with the config it started with, after its last completed round."""
     from fedcollm.runs import RunDir
     from fedcollm.workbench import Workbench
@@ -51,7 +55,8 @@ def resume_experiment(path: str | Path) -> dict:
     if Path(cfg.run.out_dir).resolve() != run.path.resolve():  # the directory was moved or copied: follow it
         cfg = cfg.with_field("run.out_dir", str(run.path))
     _set_threads(cfg)
-    return _run_all(Workbench.build(cfg), run)
+    wb = Workbench.build(cfg)
+    return _run_all(wb, run, connect(wb) if connect else None)
 
 
 def _set_threads(cfg: Config) -> None:
@@ -61,7 +66,7 @@ def _set_threads(cfg: Config) -> None:
         torch.set_num_threads(cfg.run.threads)
 
 
-def _run_all(wb, run) -> dict:
+def _run_all(wb, run, transport=None) -> dict:
     """Run every configured method and write results.json / results.md / accuracy.png."""
     import torch
 
@@ -76,7 +81,7 @@ def _run_all(wb, run) -> dict:
     print(f"data: {wb.split.describe()}; eval items: "
           + ", ".join(f"{t} {len(v)}" for t, v in wb.eval_sets.items()), flush=True)
     for method in cfg.run.methods:
-        run_method(wb, method, run)
+        run_method(wb, method, run, transport)
 
     adapter, base = count_parameters(wb.slm)
     fed_metrics = run.read_metrics("fedcollm") or run.read_metrics("fedavg")

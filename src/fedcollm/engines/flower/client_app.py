@@ -1,0 +1,106 @@
+"""The Flower ClientApp: one client's SLM and private shard; it never receives the LLM or D^a.
+
+Each SuperNode says which client it is with `--node-config "partition-id=K num-partitions=N"`. By default
+the client cuts shard K from the train data exactly as the in-process engine does (same seed, same split).
+With `data-config=/path/mine.toml` in its node config, the client instead trains on the train splits of the
+tasks that file's `[data]` and `[tasks.NAME]` tables declare, read from its own disk (its own task, too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedcollm.algorithms.training import client_update, unit_seed
+from fedcollm.comm import Payload
+from fedcollm.config import Config
+from fedcollm.data.batching import SFTData
+from fedcollm.data.partition import load_train_pool, partition
+from fedcollm.engines.flower.records import from_record, to_record
+from fedcollm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+_SETUP = "fedcollm"
+
+
+@dataclass
+class ClientSide:
+    cfg: Config
+    index: int
+    slm: object
+    data: SFTData
+
+    @property
+    def name(self) -> str:
+        return f"client_{self.index}"
+
+
+_cache: dict[tuple[int, str], ClientSide] = {}
+
+
+def _with_own_data(cfg: Config, path: str) -> Config:
+    """The server's config with this client's own [data] / [tasks.NAME] tables from `path` laid over it."""
+    own = Config.from_toml(path).to_dict()
+    base = cfg.to_dict()
+    base["data"] = own["data"]
+    base["tasks"] = base["tasks"] | own["tasks"]
+    return Config.from_dict(base, where=path)
+
+
+def _client_side(context: Context) -> ClientSide:
+    """Build (once per run and process) this client's SLM and shard from the setup the server sent."""
+    setup = str(context.state.config_records[_SETUP]["config"])
+    key = (context.run_id, setup)
+    if key in _cache:
+        return _cache[key]
+    from fedcollm.models.derive import resolve_model_dir
+    from fedcollm.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from fedcollm.models.lora import add_lora
+
+    cfg = Config.from_dict(json.loads(setup), where="server setup")
+    node = context.node_config
+    if "partition-id" not in node:
+        raise ConfigError("node config: partition-id is required (flower-supernode --node-config 'partition-id=K')")
+    index = int(node["partition-id"])
+    own = str(node.get("data-config", ""))
+    if own:
+        cfg = _with_own_data(cfg, own)
+        pool = load_train_pool(cfg.task_specs(cfg.data.tasks), cfg.data, cfg.run.seed)
+        shard = [ex for examples in pool.values() for ex in examples]
+    else:
+        pool = load_train_pool(cfg.task_specs(cfg.data.tasks), cfg.data, cfg.run.seed)
+        shard = partition(pool, cfg.federation.clients, cfg.data, cfg.run.seed).clients[index]
+    device = resolve_device(cfg.model.device)
+    slm_dir = resolve_model_dir(cfg.model.slm, cfg.derive, cfg.data.data_dir)
+    slm = add_lora(load_model(slm_dir, resolve_dtype(cfg.model.dtype, device), device), cfg.model.lora,
+                   cfg.run.seed + 1)
+    side = ClientSide(cfg, index, slm, SFTData(shard, load_tokenizer(slm_dir), cfg.model.max_length))
+    _cache[key] = side
+    return side
+
+
+@app.query()
+def setup(msg: Message, context: Context) -> Message:
+    """Keep the run's config (in the SuperNode's per-run state), load the SLM and shard, say who this client is."""
+    context.state.config_records[_SETUP] = ConfigRecord({"config": msg.content.config_records["setup"]["config"]})
+    side = _client_side(context)
+    hello = ConfigRecord({"client": side.name, "examples": len(side.data)})
+    return Message(RecordDict({"hello": hello}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """E local epochs of SFT from the broadcast adapter; reply with the new adapter and the shard size."""
+    side = _client_side(context)
+    fed = side.cfg.federation
+    r = int(msg.content.config_records["meta"]["round"])
+    sent = from_record(msg.content, "server")
+    theta, n, log_ = client_update(side.slm, sent.tensors, side.data, fed.local_epochs, fed.client_lr,
+                                   fed.batch_size, unit_seed(side.cfg.run.seed, r, side.index))
+    log.info("%s round %d: loss %.4f", side.name, r, log_.mean_loss)
+    return Message(to_record(Payload(theta, n)), reply_to=msg)

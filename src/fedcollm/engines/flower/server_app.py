@@ -1,0 +1,45 @@
+"""The Flower ServerApp: holds the LLM, D^a and the run directory, drives the same method objects and round loop
+as the in-process engine, and reaches the clients only through Flower messages.
+
+Run config keys (pyproject `[tool.flwr.app.config]` or `flwr run --run-config`):
+  config   path of a fedcollm TOML config on the server ("" = the embedded demo config)
+  set      fedcollm overrides, separated by ";" (e.g. "federation.rounds=3;data.eval_limit=50")
+  out-dir  run directory on the server (required)
+  resume   true to continue the run in out-dir after its last completed round
+  timeout  seconds to wait for SuperNodes to connect and for each round's replies (a late client is a dropout)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedcollm.cli import load_config, resume_experiment, run_experiment
+from fedcollm.engines.flower.transport import FlowerTransport
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    timeout = float(rc.get("timeout", 600))
+    if rc.get("resume", False):
+        cfg = None
+        out = str(rc["out-dir"])
+    else:
+        overrides = [item for item in str(rc.get("set", "")).split(";") if item.strip()]
+        cfg = load_config(str(rc.get("config", "")) or None, overrides).with_field("run.out_dir", str(rc["out-dir"]),
+                                                                                   where="run config out-dir")
+
+    def connect(wb) -> FlowerTransport:
+        setup = {"config": wb.cfg.to_json()}
+        return FlowerTransport(grid, setup, wb.cfg.federation.clients, timeout)
+
+    if cfg is None:
+        resume_experiment(out, connect)
+    else:
+        run_experiment(cfg, connect)
