@@ -1,0 +1,174 @@
+"""A real Flower deployment on 127.0.0.1 for tests and benchmarks: one `flower-superlink` and one
+`flower-supernode` per client as separate processes, TLS and SuperNode authentication on, and the fedcollm app
+submitted with `flwr run`. The same commands, one machine each, are the README's "Run across machines".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from fedcollm.errors import RunDirError
+
+SCRIPTS = Path(__file__).resolve().parents[4] / "scripts"
+APP = Path(__file__).resolve().parents[4] / "flower_app"
+CONNECTION = "fedcollm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Flower detaches its SuperExec into a session of its own)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    children = [int(p) for p in out]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+class LoopbackFederation:
+    """SuperLink + SuperNodes on this machine; use as a context manager, which kills every process it started."""
+
+    def __init__(self, workdir: Path, nodes: int, tls: bool = True, auth: bool = True):
+        self.work, self.nodes, self.tls, self.auth = Path(workdir), nodes, tls, auth
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = os.environ | {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                                 "PYTHONUNBUFFERED": "1"}
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+    def __enter__(self) -> "LoopbackFederation":
+        self.work.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _home(self, name: str) -> dict:
+        home = self.work / "homes" / name
+        home.mkdir(parents=True, exist_ok=True)
+        return self.env | {"FLWR_HOME": str(home)}
+
+    def _spawn(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
+        log = open(self.work / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def _start(self) -> None:
+        certs, keys = self.work / "certs", self.work / "keys"
+        if self.tls:
+            subprocess.run(["bash", str(SCRIPTS / "gen_certs.sh"), str(certs)], check=True, capture_output=True)
+        if self.auth:
+            names = [f"node{k}" for k in range(self.nodes)]
+            subprocess.run(["bash", str(SCRIPTS / "gen_node_keys.sh"), str(keys), *names], check=True,
+                           capture_output=True)
+        tls_link = (["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"),
+                     "--ssl-keyfile", str(certs / "server.key")] if self.tls else ["--insecure"])
+        self.tls_node = ["--root-certificates", str(certs / "ca.crt")] if self.tls else ["--insecure"]
+        (self.work / "homes" / "cli").mkdir(parents=True, exist_ok=True)
+        security = f'root-certificates = "{certs / "ca.crt"}"' if self.tls else "insecure = true"
+        (self.work / "homes" / "cli" / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\n{security}\n')
+        self._spawn("superlink", ["flower-superlink", *tls_link, *(["--enable-supernode-auth"] if self.auth else []),
+                                  "--host", "127.0.0.1", "--port", str(self.port),
+                                  "--disable-runtime-dependency-installation"], self._home("superlink"))
+        self._wait_for_port(self.port, "superlink")
+        for k in range(self.nodes):
+            if self.auth:
+                self.flwr("supernode", "register", str(keys / f"node{k}.pub"), CONNECTION, "--name", f"node{k}",
+                          "--format", "json")
+            self.start_node(k)
+        self._wait_for_log_lines("SuperNode ID:", [f"node{k}" for k in range(self.nodes)])
+
+    def start_node(self, k: int, partitions: int | None = None) -> None:
+        """Start SuperNode k (partition-id k); restarting a killed one is the same call."""
+        keys = self.work / "keys"
+        auth = ["--auth-supernode-private-key", str(keys / f"node{k}")] if self.auth else []
+        self._spawn(f"node{k}", ["flower-supernode", *self.tls_node, *auth, "--superlink", f"127.0.0.1:{self.port}",
+                                 "--host", "127.0.0.1", "--port", str(free_port()), "--node-config",
+                                 f"partition-id={k} num-partitions={partitions or self.nodes}"],
+                    self._home(f"node{k}"))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process and everything it started (a machine that dies)."""
+        proc = self.procs.pop(name)
+        for pid in _descendants(proc.pid) + [proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+    # ---- runs ---------------------------------------------------------------------------------------------------
+    def flwr(self, *args: str, cwd: Path | None = None) -> str:
+        done = subprocess.run(["flwr", *args], env=self._home("cli"), cwd=cwd, capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"flwr {' '.join(args)} failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+        return done.stdout
+
+    def submit(self, run_config: dict) -> int:
+        """`flwr run` of the fedcollm app with these run-config values; returns the run id."""
+        cfg = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        out = json.loads(self.flwr("run", str(APP), CONNECTION, "--format", "json", "--run-config", cfg))
+        if not out.get("success"):
+            raise RuntimeError(f"flwr run refused the app: {out}")
+        return int(out["run-id"])
+
+    def status(self, run_id: int) -> str:
+        runs = json.loads(self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json"))["runs"]
+        return runs[0]["status"]
+
+    def logs(self, run_id: int) -> str:
+        try:
+            return self.flwr("log", str(run_id), CONNECTION, "--show")
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            return str(err)
+
+    def wait(self, run_id: int, timeout: float) -> str:
+        """Block until the run finishes; returns its status (e.g. finished:completed), raising on a time-out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(2)
+        raise TimeoutError(f"run {run_id} still {self.status(run_id)!r} after {timeout:.0f} s")
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _wait_for_port(self, port: int, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RunDirError(f"{name} exited: {(self.work / f'{name}.log').read_text()[-2000:]}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} did not open port {port} in {timeout} s")
+
+    def _wait_for_log_lines(self, needle: str, names: list[str], timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(needle in (self.work / f"{n}.log").read_text() for n in names):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"not every SuperNode connected in {timeout} s; see {self.work}")
