@@ -18,7 +18,14 @@ from fedcollm.aggregate import validate_update
 from fedcollm.comm import Payload, pack, unpack
 from fedcollm.config import Config, TaskConfig
 from fedcollm.data.tasks import load_alpaca_texts, load_split
-from fedcollm.errors import ConfigError, DataError, FedcollmError, InvalidUpdate, ModelError, RunDirError
+from fedcollm.errors import (
+    ConfigError,
+    DataError,
+    FedcollmError,
+    InvalidUpdate,
+    ModelError,
+    RunDirError,
+)
 
 GOOD = {"id": "g", "question": "Which is a fruit?", "choices": ["apple", "stone"], "answer": 0}
 

@@ -6,7 +6,12 @@ import torch
 from fedcollm.config import Config, DataConfig, TaskConfig, preset_tasks
 from fedcollm.data.batching import SFTData, collate, encode_pair
 from fedcollm.data.partition import load_train_pool, partition
-from fedcollm.data.tasks import bundled_data_dir, load_eval_split, load_split, load_train_split
+from fedcollm.data.tasks import (
+    bundled_data_dir,
+    load_eval_split,
+    load_split,
+    load_train_split,
+)
 from fedcollm.errors import ConfigError, DataError
 
 PRESETS = preset_tasks()

@@ -5,7 +5,13 @@ import torch
 
 from fedcollm.config import DeriveConfig, parse_derived_spec
 from fedcollm.errors import ConfigError
-from fedcollm.models.derive import greedy_select, heal, mean_nll, tokenize_texts, with_layers
+from fedcollm.models.derive import (
+    greedy_select,
+    heal,
+    mean_nll,
+    tokenize_texts,
+    with_layers,
+)
 from fedcollm.models.tiny import tiny_llama
 
 

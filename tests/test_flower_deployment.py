@@ -83,3 +83,47 @@ def test_flower_deployment_with_tls_and_auth_equals_inprocess(tiny_setup):
     assert [m["accepted"] for m in metrics] == [3, 3] and all(m["bytes_up"] > 0 for m in metrics)
     assert json.loads((out / "results.json").read_text())["slm"]["fedcollm"] == json.loads(
         (reference / "results.json").read_text())["slm"]["fedcollm"]
+
+
+def _wait_for(path, timeout=300):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.5)
+
+
+def test_a_supernode_that_dies_mid_run_is_a_dropout_and_the_run_finishes(tiny_setup):
+    root, config, _ = tiny_setup
+    out = root / "dropout-run"
+    with LoopbackFederation(root / "deploy-dropout", nodes=3, auth=False) as fed:
+        run_id = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 20.0,
+                             "set": "federation.min_fit_clients=2"})
+        _wait_for(out / "config.json")  # the clients answered the setup: round 1 starts now
+        fed.kill("node2")
+        status = fed.wait(run_id, timeout=600)
+        logs = fed.logs(run_id)
+    assert status == "finished:completed", logs[-3000:]
+    metrics = RunDir(out).read_metrics("fedcollm")
+    assert [m["dropped"] for m in metrics] == [["client_2"], ["client_2"]]
+    assert [m["accepted"] for m in metrics] == [2, 2]
+    assert (out / "fedcollm" / "final.json").exists()
+
+
+def test_a_server_killed_after_round_1_resumes_to_the_same_adapters(tiny_setup):
+    root, config, reference = tiny_setup
+    out = root / "resumed-run"
+    with LoopbackFederation(root / "deploy-resume", nodes=3, auth=False) as fed:
+        first = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 120.0})
+        _wait_for(out / "fedcollm" / "round_001" / "done.json")
+        fed.flwr("stop", str(first), "fedcollm")
+        assert fed.wait(first, timeout=120).startswith("finished")
+        assert not (out / "fedcollm" / "final.json").exists()
+        second = fed.submit({"out-dir": str(out), "resume": True, "timeout": 120.0})
+        status = fed.wait(second, timeout=600)
+        assert status == "finished:completed", fed.logs(second)[-3000:]
+    refs = {"llm": None, "slm": None}
+    ours, theirs = _final_adapters(out, refs), _final_adapters(reference, refs)
+    assert all(states_equal(ours[k], theirs[k]) for k in refs)
+    assert [m["round"] for m in RunDir(out).read_metrics("fedcollm")] == [1, 2]

@@ -89,8 +89,8 @@ def _run_all(wb, run, transport=None) -> dict:
     communication = {
         "slm_params": base, "adapter_params": adapter, "adapter_percent": 100.0 * adapter / base,
         "llm_adapter_params": count_parameters(wb.llm)[0], "payload_params": num_params(wb.slm_init),
-        "bytes_up_per_round": fed_metrics[-1]["bytes_up"] if fed_metrics else blob * cfg.federation.clients,
-        "bytes_down_per_round": fed_metrics[-1]["bytes_down"] if fed_metrics else blob * cfg.federation.clients,
+        "bytes_up_per_round": fed_metrics[-1].get("bytes_up", 0) if fed_metrics else blob * cfg.federation.clients,
+        "bytes_down_per_round": fed_metrics[-1].get("bytes_down", 0) if fed_metrics else blob * cfg.federation.clients,
     }
     extra_timing = {}
     if "fedcollm" in cfg.run.methods and cfg.distill.steps:
@@ -141,7 +141,12 @@ def cmd_eval(args) -> None:
     from fedcollm.data.tasks import load_eval_split
     from fedcollm.evaluate import evaluate_tasks
     from fedcollm.models.derive import resolve_model_dir
-    from fedcollm.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from fedcollm.models.loading import (
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
 
     cfg = load_config(args.config, args.set, args.limit)
     sets = {t: load_eval_split(t, spec, cfg.data.data_dir, cfg.data.eval_limit) for t, spec in cfg.task_specs().items()}

@@ -24,3 +24,7 @@ class ModelError(FedcollmError):
 
 class InvalidUpdate(FedcollmError, ValueError):
     """A client payload cannot be decoded or does not fit the global adapter; the message names the client."""
+
+
+class FederationError(FedcollmError):
+    """The federation cannot go on as configured (too few clients answered); the message names who is missing."""

@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 
 from fedcollm.errors import RunDirError
-from fedcollm.fileio import atomic_write, atomic_write_json, atomic_write_text, read_json_file
+from fedcollm.fileio import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    read_json_file,
+)
 from fedcollm.runs import RunDir
 
 LLM_ROWS = ("zero_shot", "centralized", "fedcollm")

@@ -66,7 +66,12 @@ class Workbench:
     def build(cls, cfg: Config) -> "Workbench":
         """Load the configured real models (converting / deriving them on first use)."""
         from fedcollm.models.derive import resolve_model_dir
-        from fedcollm.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+        from fedcollm.models.loading import (
+            load_model,
+            load_tokenizer,
+            resolve_device,
+            resolve_dtype,
+        )
 
         data = load_data(cfg)  # bad data fails here, before minutes of model conversion or derivation
         device = resolve_device(cfg.model.device)

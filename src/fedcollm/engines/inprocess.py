@@ -173,6 +173,7 @@ def _client_phase(method: Method, transport: Transport, states: States, r: int, 
     else:
         states = method.aggregate(states, accepted, r)
     timing["aggregate_s"] = time.perf_counter() - t0
-    record.update({"sampled": sampled, "accepted": len(accepted), "rejected": len(tasks) - len(accepted),
+    record.update({"sampled": sampled, "dropped": sorted(set(tasks) - set(replies)),
+                   "accepted": len(accepted), "rejected": len(tasks) - len(accepted),
                    "bytes_down": bytes_down, "bytes_up": bytes_up})
     return states

@@ -6,7 +6,13 @@ import logging
 
 from fedcollm.aggregate import fedavg
 from fedcollm.algorithms.training import mutual_distill, unit_seed
-from fedcollm.methods.base import Method, States, Updates, evaluate_state, mean_over_clients
+from fedcollm.methods.base import (
+    Method,
+    States,
+    Updates,
+    evaluate_state,
+    mean_over_clients,
+)
 from fedcollm.models.lora import AdapterState, adapter_state, load_adapter_state
 
 log = logging.getLogger(__name__)

@@ -59,7 +59,12 @@ def _client_side(context: Context) -> ClientSide:
     if key in _cache:
         return _cache[key]
     from fedcollm.models.derive import resolve_model_dir
-    from fedcollm.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from fedcollm.models.loading import (
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
     from fedcollm.models.lora import add_lora
 
     cfg = Config.from_dict(json.loads(setup), where="server setup")

@@ -6,7 +6,8 @@ Run config keys (pyproject `[tool.flwr.app.config]` or `flwr run --run-config`):
   set      fedcollm overrides, separated by ";" (e.g. "federation.rounds=3;data.eval_limit=50")
   out-dir  run directory on the server (required)
   resume   true to continue the run in out-dir after its last completed round
-  timeout  seconds to wait for SuperNodes to connect and for each round's replies (a late client is a dropout)
+  timeout  seconds to wait for each round's replies (a client that has not answered by then is a dropout)
+  setup-timeout  seconds to wait for the SuperNodes to connect and load their SLM and shard
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    timeout = float(rc.get("timeout", 600))
+    timeout, setup_timeout = float(rc.get("timeout", 600)), float(rc.get("setup-timeout", 900))
     if rc.get("resume", False):
         cfg = None
         out = str(rc["out-dir"])
@@ -37,7 +38,8 @@ def main(grid: Grid, context: Context) -> None:
 
     def connect(wb) -> FlowerTransport:
         setup = {"config": wb.cfg.to_json()}
-        return FlowerTransport(grid, setup, wb.cfg.federation.clients, timeout)
+        fed = wb.cfg.federation
+        return FlowerTransport(grid, setup, fed.clients, fed.min_fit_clients, timeout, setup_timeout)
 
     if cfg is None:
         resume_experiment(out, connect)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedcollm.comm import Payload
-from fedcollm.errors import InvalidUpdate, RunDirError
 from fedcollm.engines.flower.records import from_record, to_record, wire_bytes
+from fedcollm.errors import FederationError, InvalidUpdate
 
 log = logging.getLogger(__name__)
 
@@ -18,46 +18,56 @@ log = logging.getLogger(__name__)
 class FlowerTransport:
     """Reach the clients (SuperNodes) through a Flower Grid; a client that does not answer in time is a dropout."""
 
-    def __init__(self, grid: Grid, setup: dict, expected: int, timeout: float):
+    def __init__(self, grid: Grid, setup: dict, expected: int, minimum: int, timeout: float, setup_timeout: float):
         self.grid, self.timeout = grid, timeout
-        self.node_of = self._discover(setup, expected)
+        self.node_of = self._discover(setup, expected, minimum, setup_timeout)
         self.client_names = sorted(self.node_of, key=lambda n: int(n.split("_")[-1]))
 
-    def _discover(self, setup: dict, expected: int) -> dict[str, int]:
+    def _exchange(self, messages: list[Message], timeout: float) -> list[tuple[int, Message]]:
+        """(destination node, reply) pairs; error replies made up by the SuperLink are matched by message id."""
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+
+    def _discover(self, setup: dict, expected: int, minimum: int, timeout: float) -> dict[str, int]:
         """Wait for `expected` SuperNodes, send each the run's setup, learn its client name from its reply."""
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + timeout
         nodes = list(self.grid.get_node_ids())
         while len(nodes) < expected and time.monotonic() < deadline:
             time.sleep(1.0)
             nodes = list(self.grid.get_node_ids())
-        if len(nodes) < expected:
-            raise RunDirError(f"only {len(nodes)} of federation.clients = {expected} SuperNodes connected within "
-                              f"{self.timeout:.0f} s")
         content = RecordDict({"setup": ConfigRecord(setup)})
         messages = [self.grid.create_message(content, "query", nid, "setup") for nid in nodes]
-        node_of = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            nid = reply.metadata.src_node_id
+        node_of: dict[str, int] = {}
+        for nid, reply in self._exchange(messages, max(deadline - time.monotonic(), 1.0)):
             if reply.has_error():
                 log.warning("SuperNode %d failed its setup: %s", nid, reply.error.reason)
                 continue
             name = str(reply.content.config_records["hello"]["client"])
             if name in node_of:
-                raise RunDirError(f"SuperNodes {node_of[name]} and {nid} both claim to be {name}; give each a "
-                                  f"distinct partition-id")
+                raise FederationError(f"SuperNodes {node_of[name]} and {nid} both claim to be {name}; give each a "
+                                      f"distinct partition-id")
             node_of[name] = nid
+        if len(node_of) < minimum:
+            raise FederationError(f"only {len(node_of)} of federation.clients = {expected} clients answered the setup "
+                                  f"within {timeout:.0f} s (federation.min_fit_clients = {minimum}); answered: "
+                                  f"{sorted(node_of) or 'none'}")
         log.info("clients: %s", ", ".join(f"{n} (node {i})" for n, i in sorted(node_of.items())))
         return node_of
 
     def fit(self, tasks: dict[str, Payload], round_idx: int) -> tuple[dict[str, Payload | InvalidUpdate], int, int]:
+        connected = set(self.grid.get_node_ids())
+        gone = sorted(name for name in tasks if self.node_of[name] not in connected)
+        if gone:
+            log.warning("round %d: %s no longer connected (dropped out)", round_idx, ", ".join(gone))
         messages = {name: self.grid.create_message(to_record(task, round=round_idx), "train", self.node_of[name],
                                                    str(round_idx))
-                    for name, task in tasks.items()}
+                    for name, task in tasks.items() if name not in gone}
         name_of = {nid: name for name, nid in self.node_of.items()}
         replies: dict[str, Payload | InvalidUpdate] = {}
         bytes_up = 0
-        for reply in self.grid.send_and_receive(list(messages.values()), timeout=self.timeout):
-            name = name_of.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
+        for nid, reply in self._exchange(list(messages.values()), self.timeout):
+            name = name_of.get(nid, f"node {nid}")
             if reply.has_error():
                 replies[name] = InvalidUpdate(f"client {name}: failed this round ({reply.error.reason})")
                 continue
