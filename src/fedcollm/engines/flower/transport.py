@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcollm.comm import Payload
