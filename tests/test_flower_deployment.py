@@ -127,3 +127,29 @@ def test_a_server_killed_after_round_1_resumes_to_the_same_adapters(tiny_setup):
     ours, theirs = _final_adapters(out, refs), _final_adapters(reference, refs)
     assert all(states_equal(ours[k], theirs[k]) for k in refs)
     assert [m["round"] for m in RunDir(out).read_metrics("fedcollm")] == [1, 2]
+
+
+def _relative_l2(a, b) -> float:
+    num = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a)
+    den = sum(float((b[k].double() ** 2).sum()) for k in b)
+    return (num / den) ** 0.5
+
+
+def test_secagg_server_holds_only_the_average_and_matches_inprocess_within_quantization(tiny_setup):
+    root, config, reference = tiny_setup
+    out = root / "secagg-run"
+    with LoopbackFederation(root / "deploy-secagg", nodes=3, auth=False) as fed:
+        run_id = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 120.0,
+                             "set": "secagg.enabled=true"})
+        status = fed.wait(run_id, timeout=900)
+        assert status == "finished:completed", fed.logs(run_id)[-3000:]
+    metrics = RunDir(out).read_metrics("fedcollm")
+    # what the server's strategy was handed each round: one result per client, every one the same average
+    assert [m["secagg_results"] for m in metrics] == [3, 3]
+    assert all(m["secagg_all_results_identical"] for m in metrics)
+    assert [m["contributors"] for m in metrics] == [["client_0", "client_1", "client_2"]] * 2
+    refs = {"llm": None, "slm": None}
+    ours, theirs = _final_adapters(out, refs), _final_adapters(reference, refs)
+    error = _relative_l2(ours["slm"], theirs["slm"])
+    (root / "secagg_rel_error.json").write_text(json.dumps({"slm_rel_l2_after_2_rounds": error}))
+    assert 0 < error < 1e-4, error

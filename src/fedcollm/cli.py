@@ -106,7 +106,12 @@ def _run_all(wb, run, transport=None) -> dict:
                "partition": cfg.data.partition, "train_per_task": cfg.data.train_per_task,
                "client_examples": [len(c) for c in wb.split.clients], "aux_examples": len(wb.split.aux),
                "batch_size": cfg.federation.batch_size, "dtype": str(next(wb.slm.parameters()).dtype),
-               "torch_threads": torch.get_num_threads(), "methods": cfg.run.methods}
+               "torch_threads": torch.get_num_threads(), "methods": cfg.run.methods,
+               "sampling": {"fraction_fit": cfg.federation.fraction_fit, "min_fit_clients": cfg.federation.min_fit_clients}}
+    if cfg.dp.noise_multiplier > 0:
+        spent = [r["dp_epsilon"] for m in cfg.run.methods for r in run.read_metrics(m) if "dp_epsilon" in r]
+        setting["dp"] = {"noise_multiplier": cfg.dp.noise_multiplier, "clip_norm": cfg.dp.clip_norm,
+                         "delta": cfg.dp.delta, "epsilon": max(spent, default=None)}
     results = build_results(run, setting, communication, extra_timing)
     print(write_report(run, results))
     print(f"run directory: {run.path}")

@@ -261,6 +261,42 @@ class DistillConfig:
 
 
 @dataclass
+class DPConfig:
+    noise_multiplier: float = 0.0
+    """z: client-level DP on the shared adapter, Gaussian noise std z * clip_norm / clients sampled; 0 = off."""
+    clip_norm: float = 1.0
+    """C: with DP on, each client's change to the adapter is clipped to this L2 norm and changes are averaged unweighted."""
+    delta: float = 1e-5
+    """delta at which the accountant reports epsilon after every round."""
+
+    def __post_init__(self) -> None:
+        _check(self.noise_multiplier >= 0, "dp.noise_multiplier", "must be >= 0 (0 = off)")
+        _check(self.clip_norm > 0, "dp.clip_norm", "must be > 0")
+        _check(0 < self.delta < 1, "dp.delta", "must be in (0, 1)")
+
+
+@dataclass
+class SecAggConfig:
+    enabled: bool = False
+    """Flower engine only: SecAgg+, so the server learns only the weighted average of the sampled clients' adapters."""
+    num_shares: int = 3
+    """Shares each client's secret is split into (each goes to a neighbour); > 2 and at most the clients sampled."""
+    reconstruction_threshold: int = 2
+    """Shares needed to rebuild a dropped client's mask; < num_shares (more tolerates fewer dropouts, hides more)."""
+    clipping_range: float = 0.5
+    """Each masked value (adapter entry x num_examples / max_weight) is clipped to +-this before quantization."""
+    quantization_range: int = 16777216
+    """Integer levels over the clipping range (2^24; the quantization error scales as clipping_range / this)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_shares > 2, "secagg.num_shares", "must be > 2")
+        _check(2 <= self.reconstruction_threshold < self.num_shares, "secagg.reconstruction_threshold",
+               f"must be in [2, secagg.num_shares = {self.num_shares})")
+        _check(self.clipping_range > 0, "secagg.clipping_range", "must be > 0")
+        _check(2 <= self.quantization_range <= 2**30, "secagg.quantization_range", "must be in [2, 2^30]")
+
+
+@dataclass
 class DeriveConfig:
     """How `derived:BASE:N` SLMs are made (N, the layer count, comes from the model spec)."""
 
@@ -327,6 +363,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     derive: DeriveConfig = field(default_factory=DeriveConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
@@ -447,7 +485,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return items
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    _check(isinstance(value, hint) and not isinstance(value, bool) or hint is bool and isinstance(value, bool), where,
+    _check(isinstance(value, bool) if hint is bool else isinstance(value, hint) and not isinstance(value, bool), where,
            f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
     if hint is float:
         _check(math.isfinite(value), where, f"must be a finite number, got {value!r}")
@@ -474,7 +512,7 @@ def describe() -> str:
                         rows.append((stmt.target.id, default, nxt.value.value))
             docs[node.name] = rows
     sections = {"model": "ModelConfig", "model.lora": "LoraConfig", "data": "DataConfig",
-                "federation": "FederationConfig", "distill": "DistillConfig", "derive": "DeriveConfig",
+                "federation": "FederationConfig", "distill": "DistillConfig", "dp": "DPConfig", "secagg": "SecAggConfig", "derive": "DeriveConfig",
                 "run": "RunConfig", "tasks.NAME": "TaskConfig"}
     out = []
     for section, cls_name in sections.items():

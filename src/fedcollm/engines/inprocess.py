@@ -15,9 +15,10 @@ from typing import Protocol
 from fedcollm.aggregate import bound_update, validate_update
 from fedcollm.algorithms.training import client_update, unit_seed
 from fedcollm.comm import Payload, pack, unpack
-from fedcollm.errors import InvalidUpdate
+from fedcollm.errors import FederationError, InvalidUpdate
 from fedcollm.methods import METHOD_CLASSES, Method
 from fedcollm.methods.base import States, curve_items
+from fedcollm.privacy import add_noise, clip_change, epsilon
 from fedcollm.runs import RunDir
 from fedcollm.workbench import Workbench
 
@@ -149,6 +150,8 @@ def _client_phase(method: Method, transport: Transport, states: States, r: int, 
     tasks = {name: Payload(task) for name, task in tasks.items() if task is not None}
     if not tasks:
         return states
+    if getattr(transport, "secure", False):
+        return _secure_client_phase(method, transport, states, tasks, r, timing, record)
     t0 = time.perf_counter()
     replies, bytes_down, bytes_up = transport.fit(tasks, r)
     timing["client_train_s"] = time.perf_counter() - t0
@@ -167,13 +170,59 @@ def _client_phase(method: Method, transport: Transport, states: States, r: int, 
                                           fed.max_examples, fed.max_update_ratio, fed.norm_action)
         except InvalidUpdate as err:
             log.warning("round %d: rejected update: %s", r, err)
+    dp = method.wb.cfg.dp
+    private = dp.noise_multiplier > 0 and method.shared is not None
+    if private:  # clipped changes, equal weights: what the Gaussian mechanism's sensitivity assumes
+        accepted = {name: (clip_change(theta, tasks[name].tensors, dp.clip_norm), 1)
+                    for name, (theta, _) in accepted.items()}
     if len(accepted) < fed.min_fit_clients:
         log.warning("round %d: %d accepted update(s), fewer than federation.min_fit_clients = %d; the adapters "
                     "are kept", r, len(accepted), fed.min_fit_clients)
     else:
         states = method.aggregate(states, accepted, r)
+        if private:
+            std = dp.noise_multiplier * dp.clip_norm / len(sampled)
+            states = states | {method.shared: add_noise(states[method.shared], std, unit_seed(seed, r, -3))}
+    if private:
+        record["dp_epsilon"] = epsilon(r, dp.noise_multiplier, len(sampled), len(transport.client_names), dp.delta)
     timing["aggregate_s"] = time.perf_counter() - t0
     record.update({"sampled": sampled, "dropped": sorted(set(tasks) - set(replies)),
                    "accepted": len(accepted), "rejected": len(tasks) - len(accepted),
                    "bytes_down": bytes_down, "bytes_up": bytes_up})
+    return states
+
+
+def _secure_client_phase(method: Method, transport: Transport, states: States, tasks: dict[str, Payload], r: int,
+                         timing: dict, record: dict) -> States:
+    """Under SecAgg+ the server only ever holds the average of the sampled clients' adapters: it checks that
+    aggregate (shape, finite values) and treats it as the one update; per-client checks ran on the clients."""
+    first = next(iter(tasks.values()))
+    if any(task is not first for task in tasks.values()):
+        raise FederationError(f"method {method.name} sends each client its own adapter, which SecAgg+ cannot sum; "
+                              f"turn secagg.enabled off for it")
+    fed, dp, seed = method.wb.cfg.federation, method.wb.cfg.dp, method.wb.cfg.run.seed
+    t0 = time.perf_counter()
+    average, contributors, seen = transport.fit_secure(first, list(tasks), r)
+    timing["client_train_s"] = time.perf_counter() - t0
+    record.update(seen | {"sampled": list(tasks), "contributors": contributors,
+                          "dropped": sorted(set(tasks) - set(contributors))})
+    t0 = time.perf_counter()
+    try:
+        if average is None:
+            raise InvalidUpdate("secure aggregate: SecAgg+ halted (too few clients answered)")
+        validate_update(average.tensors, first.tensors, max(average.num_examples, 1), "secure aggregate")
+    except InvalidUpdate as err:
+        log.warning("round %d: %s; the adapters are kept", r, err)
+        return states
+    if len(contributors) < fed.min_fit_clients:
+        log.warning("round %d: %d client(s) in the secure aggregate, fewer than federation.min_fit_clients = %d; "
+                    "the adapters are kept", r, len(contributors), fed.min_fit_clients)
+        return states
+    states = method.aggregate(states, {"secure aggregate": (average.tensors, average.num_examples)}, r)
+    if dp.noise_multiplier > 0 and method.shared is not None:
+        std = dp.noise_multiplier * dp.clip_norm / len(tasks)
+        states = states | {method.shared: add_noise(states[method.shared], std, unit_seed(seed, r, -3))}
+        record["dp_epsilon"] = epsilon(r, dp.noise_multiplier, len(tasks), len(transport.client_names), dp.delta)
+    timing["aggregate_s"] = time.perf_counter() - t0
+    record["accepted"] = len(contributors)
     return states

@@ -49,6 +49,7 @@ class Method:
     name: ClassVar[str] = "zero_shot"
     trains: ClassVar[bool] = False  # False: evaluated once, no rounds
     scores: ClassVar[tuple[str, ...]] = ("llm", "slm")  # which models its table rows report
+    shared: ClassVar[str | None] = None  # the state every client trains and the server averages (DP noise goes here)
 
     def __init__(self, wb: Workbench):
         self.wb = wb

@@ -48,6 +48,7 @@ class FedAvg(Method):
     name = "fedavg"
     trains = True
     scores = ("slm",)
+    shared = "slm"
 
     def client_task(self, states: States, client: str) -> AdapterState | None:
         return states["slm"]

@@ -12,16 +12,24 @@ import json
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 
+from fedcollm.aggregate import bound_update
 from fedcollm.algorithms.training import client_update, unit_seed
 from fedcollm.comm import Payload
 from fedcollm.config import Config
 from fedcollm.data.batching import SFTData
 from fedcollm.data.partition import load_train_pool, partition
 from fedcollm.engines.flower.records import from_record, to_record
+from fedcollm.engines.flower.secagg import from_arrays, to_arrays
 from fedcollm.errors import ConfigError
+from fedcollm.models.lora import adapter_state
+from fedcollm.privacy import clip_change
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -98,14 +106,41 @@ def setup(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"hello": hello}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """E local epochs of SFT from the broadcast adapter; reply with the new adapter and the shard size."""
-    side = _client_side(context)
+def _local_update(side: ClientSide, sent: dict, r: int) -> tuple[dict, int]:
+    """E local epochs of SFT from the broadcast adapter."""
     fed = side.cfg.federation
-    r = int(msg.content.config_records["meta"]["round"])
-    sent = from_record(msg.content, "server")
-    theta, n, log_ = client_update(side.slm, sent.tensors, side.data, fed.local_epochs, fed.client_lr,
-                                   fed.batch_size, unit_seed(side.cfg.run.seed, r, side.index))
+    theta, n, log_ = client_update(side.slm, sent, side.data, fed.local_epochs, fed.client_lr, fed.batch_size,
+                                   unit_seed(side.cfg.run.seed, r, side.index))
     log.info("%s round %d: loss %.4f", side.name, r, log_.mean_loss)
+    return theta, n
+
+
+@app.train("plain")
+def train(msg: Message, context: Context) -> Message:
+    """Train from the broadcast adapter; reply with the new adapter and the shard size (the server checks both)."""
+    side = _client_side(context)
+    r = int(msg.content.config_records["meta"]["round"])
+    theta, n = _local_update(side, from_record(msg.content, "server").tensors, r)
     return Message(to_record(Payload(theta, n)), reply_to=msg)
+
+
+@app.train(mods=[secaggplus_mod])
+def train_secure(msg: Message, context: Context) -> Message:
+    """The SecAgg+ path: the same training, in Flower's legacy FitIns/FitRes layout that secaggplus_mod masks.
+
+    The server cannot inspect this update, so what it would enforce is enforced here before masking: the
+    robustness policy (clip, never reject: the client does not withhold itself) and, under DP, the clip to C
+    with an example count of 1 (equal weights).
+    """
+    side = _client_side(context)
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    like = adapter_state(side.slm)
+    sent = from_arrays(parameters_to_ndarrays(fitins.parameters), like)
+    theta, n = _local_update(side, sent, int(fitins.config["round"]))
+    fed, dp = side.cfg.federation, side.cfg.dp
+    theta, n = bound_update(theta, sent, n, side.name, fed.max_examples, fed.max_update_ratio, "clip")
+    if dp.noise_multiplier > 0:
+        theta, n = clip_change(theta, sent, dp.clip_norm), 1
+    arrays = [a.astype(np.float64) for a in to_arrays(theta)]  # float64: no float32 floor on the quantization
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -39,7 +39,8 @@ def main(grid: Grid, context: Context) -> None:
     def connect(wb) -> FlowerTransport:
         setup = {"config": wb.cfg.to_json()}
         fed = wb.cfg.federation
-        return FlowerTransport(grid, setup, fed.clients, fed.min_fit_clients, timeout, setup_timeout)
+        return FlowerTransport(grid, setup, fed.clients, fed.min_fit_clients, timeout, setup_timeout, context,
+                               wb.cfg.secagg, weights_equal=wb.cfg.dp.noise_multiplier > 0)
 
     if cfg is None:
         resume_experiment(out, connect)

@@ -13,13 +13,18 @@ from fedcollm.engines.flower.records import from_record, to_record, wire_bytes
 from fedcollm.errors import FederationError, InvalidUpdate
 
 log = logging.getLogger(__name__)
+PLAIN_TRAIN = "train.plain"  # plain "train" messages are SecAgg+'s: its client mod intercepts every one of them
 
 
 class FlowerTransport:
     """Reach the clients (SuperNodes) through a Flower Grid; a client that does not answer in time is a dropout."""
 
-    def __init__(self, grid: Grid, setup: dict, expected: int, minimum: int, timeout: float, setup_timeout: float):
-        self.grid, self.timeout = grid, timeout
+    def __init__(self, grid: Grid, setup: dict, expected: int, minimum: int, timeout: float, setup_timeout: float,
+                 context=None, secagg=None, weights_equal: bool = False):
+        self.grid, self.timeout, self.context, self.secagg = grid, timeout, context, secagg
+        self.secure = bool(secagg and secagg.enabled)
+        self.weights_equal = weights_equal
+        self.examples: dict[str, int] = {}
         self.node_of = self._discover(setup, expected, minimum, setup_timeout)
         self.client_names = sorted(self.node_of, key=lambda n: int(n.split("_")[-1]))
 
@@ -48,6 +53,7 @@ class FlowerTransport:
                 raise FederationError(f"SuperNodes {node_of[name]} and {nid} both claim to be {name}; give each a "
                                       f"distinct partition-id")
             node_of[name] = nid
+            self.examples[name] = int(reply.content.config_records["hello"]["examples"])
         if len(node_of) < minimum:
             raise FederationError(f"only {len(node_of)} of federation.clients = {expected} clients answered the setup "
                                   f"within {timeout:.0f} s (federation.min_fit_clients = {minimum}); answered: "
@@ -60,7 +66,7 @@ class FlowerTransport:
         gone = sorted(name for name in tasks if self.node_of[name] not in connected)
         if gone:
             log.warning("round %d: %s no longer connected (dropped out)", round_idx, ", ".join(gone))
-        messages = {name: self.grid.create_message(to_record(task, round=round_idx), "train", self.node_of[name],
+        messages = {name: self.grid.create_message(to_record(task, round=round_idx), PLAIN_TRAIN, self.node_of[name],
                                                    str(round_idx))
                     for name, task in tasks.items() if name not in gone}
         name_of = {nid: name for name, nid in self.node_of.items()}
@@ -77,3 +83,17 @@ class FlowerTransport:
             log.warning("round %d: client %s did not answer within %.0f s (dropped out)", round_idx, name,
                         self.timeout)
         return replies, sum(wire_bytes(m.content) for m in messages.values()), bytes_up
+
+    def fit_secure(self, task: Payload, names: list[str], round_idx: int) -> tuple[Payload | None, list[str], dict]:
+        """One SecAgg+ round over `names`: the weighted average of their adapters (weights = shard sizes, or
+        equal under DP) and the names it covers; the server never holds an individual adapter."""
+        from fedcollm.engines.flower.secagg import secure_round
+
+        connected = set(self.grid.get_node_ids())
+        chosen = {self.node_of[n] for n in names if self.node_of[n] in connected}
+        max_weight = 1.0 if self.weights_equal else float(max(self.examples[n] for n in names))
+        average, seen = secure_round(self.grid, self.context, task.tensors, chosen, round_idx, self.secagg, max_weight)
+        name_of = {nid: name for name, nid in self.node_of.items()}
+        contributors = [name_of[nid] for nid in seen.pop("secagg_contributors")]
+        count = len(contributors) if self.weights_equal else sum(self.examples[n] for n in contributors)
+        return (Payload(average, count) if average is not None else None), contributors, seen

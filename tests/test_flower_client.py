@@ -1,0 +1,79 @@
+"""The Flower ClientApp's handlers called directly (no deployment): setup, training on its shard, own data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict  # noqa: E402
+
+from fedcollm.comm import Payload  # noqa: E402
+from fedcollm.engines.flower import client_app  # noqa: E402
+from fedcollm.engines.flower.records import from_record, to_record  # noqa: E402
+
+
+@pytest.fixture
+def model_dirs(tmp_path, tokenizer):
+    from fedcollm.models.tiny import tiny_pair
+
+    llm, slm = tiny_pair(seed=0)
+    for name, model in (("llm", llm), ("slm", slm)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    return tmp_path
+
+
+def _config(root, data_dir) -> dict:
+    from conftest import tiny_config
+
+    cfg = tiny_config(data_dir, str(root / "run"), model={"llm": str(root / "llm"), "slm": str(root / "slm")})
+    return cfg.to_dict()
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _ask(handler, content: RecordDict, context: Context, kind: str) -> Message:
+    """Call a ClientApp handler as the SuperNode would, with the metadata a delivered message carries."""
+    meta = Metadata(run_id=7, message_id="m1", src_node_id=1, dst_node_id=2, reply_to_message_id="", group_id="1",
+                    created_at=0.0, ttl=3600.0, message_type=kind)
+    return handler(Message(content, metadata=meta), context)
+
+
+def test_client_trains_its_partition_like_the_inprocess_engine(model_dirs, data_dir, make_workbench):
+    from fedcollm.engines.inprocess import SimulatedClient
+    from fedcollm.comm import pack, unpack
+
+    config = _config(model_dirs, data_dir)
+    context = _context({"partition-id": 1, "num-partitions": 3})
+    hello = _ask(client_app.setup, RecordDict({"setup": ConfigRecord({"config": json.dumps(config)})}), context,
+                 "query").content.config_records["hello"]
+    wb = make_workbench(str(model_dirs / "run"))
+    assert hello["client"] == "client_1" and hello["examples"] == len(wb.client_data[1])
+
+    reply = _ask(client_app.train, to_record(Payload(wb.slm_init), round=1), context, "train")
+    ours = from_record(reply.content, "client_1")
+    theirs = unpack(SimulatedClient(wb, 1).fit(pack(Payload(wb.slm_init)), 1))
+    assert ours.num_examples == theirs.num_examples
+    assert all((ours.tensors[k] - theirs.tensors[k]).abs().max() < 1e-6 for k in theirs.tensors)
+
+
+def test_client_with_its_own_data_and_task(model_dirs, data_dir, tmp_path):
+    rows = tmp_path / "mine" / "notes"
+    rows.mkdir(parents=True)
+    rows.joinpath("train.jsonl").write_text("\n".join(json.dumps(
+        {"id": f"n{i}", "note": f"Note {i}: which colour?", "choices": ["red", "blue"], "answer": i % 2})
+        for i in range(7)) + "\n")
+    own = tmp_path / "mine.toml"
+    own.write_text(f'[data]\ndata_dir = "{tmp_path / "mine"}"\ntasks = ["notes"]\n\n'
+                   '[tasks.notes]\npath = "notes"\ntrain_split = "train"\neval_split = "test"\n'
+                   'context = "{note}"\n')
+    context = _context({"partition-id": 0, "data-config": str(own)})
+    hello = _ask(client_app.setup, RecordDict({"setup": ConfigRecord({"config": json.dumps(
+        _config(model_dirs, data_dir))})}), context, "query").content.config_records["hello"]
+    assert hello["examples"] == 7  # all of its own rows; nothing from the shared data
+
