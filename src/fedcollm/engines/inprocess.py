@@ -197,7 +197,7 @@ def _secure_client_phase(method: Method, transport: Transport, states: States, t
     """Under SecAgg+ the server only ever holds the average of the sampled clients' adapters: it checks that
     aggregate (shape, finite values) and treats it as the one update; per-client checks ran on the clients."""
     first = next(iter(tasks.values()))
-    if any(task is not first for task in tasks.values()):
+    if any(task.tensors is not first.tensors for task in tasks.values()):
         raise FederationError(f"method {method.name} sends each client its own adapter, which SecAgg+ cannot sum; "
                               f"turn secagg.enabled off for it")
     fed, dp, seed = method.wb.cfg.federation, method.wb.cfg.dp, method.wb.cfg.run.seed

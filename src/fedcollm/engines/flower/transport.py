@@ -94,6 +94,7 @@ class FlowerTransport:
         max_weight = 1.0 if self.weights_equal else float(max(self.examples[n] for n in names))
         average, seen = secure_round(self.grid, self.context, task.tensors, chosen, round_idx, self.secagg, max_weight)
         name_of = {nid: name for name, nid in self.node_of.items()}
-        contributors = [name_of[nid] for nid in seen.pop("secagg_contributors")]
+        contributors = sorted((name_of[nid] for nid in seen.pop("secagg_contributors")),
+                              key=self.client_names.index)
         count = len(contributors) if self.weights_equal else sum(self.examples[n] for n in contributors)
         return (Payload(average, count) if average is not None else None), contributors, seen
