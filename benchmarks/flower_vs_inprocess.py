@@ -1,0 +1,110 @@
+"""One FedCoLLM round in-process, over a loopback Flower deployment (TLS + SuperNode auth), and with SecAgg+,
+in the same invocation on the same machine; writes benchmarks/results/flower-vs-inprocess.json.
+
+    python benchmarks/flower_vs_inprocess.py                       # the embedded demo setting, 1 round
+    python benchmarks/flower_vs_inprocess.py --set data.eval_limit=20
+
+Round time is the round's wall time as the server's round loop measures it (client phase, aggregation, server
+distillation, evaluation, checkpoint); evaluation and distillation are the same code on both engines, so the
+difference is the transport. Real models: run `fedcollm run` once first so that FEDCOLLM_CACHE holds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fedcollm.cli import load_config, run_experiment
+from fedcollm.engines.flower.loopback import LoopbackFederation
+from fedcollm.models.loading import resolve_device, resolve_dtype
+from fedcollm.runs import RunDir
+
+HERE = Path(__file__).resolve().parent
+BASE = ["federation.rounds=1", "run.methods=['fedcollm']", "data.eval_limit=50", "run.round_eval_limit=none"]
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def round_record(run: Path) -> dict:
+    return RunDir(run).read_metrics("fedcollm")[-1]
+
+
+def relative_l2(a: dict, b: dict) -> float:
+    num = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a)
+    return (num / sum(float((b[k].double() ** 2).sum()) for k in b)) ** 0.5
+
+
+def flower_run(work: Path, overrides: list[str], nodes: int, name: str) -> tuple[Path, float]:
+    out = work / name
+    t0 = time.perf_counter()
+    with LoopbackFederation(work / f"deploy-{name}", nodes=nodes) as fed:
+        run_id = fed.submit({"config": "", "set": ";".join(overrides), "out-dir": str(out), "timeout": 900.0})
+        status = fed.wait(run_id, timeout=3600)
+        if status != "finished:completed":
+            raise RuntimeError(f"{name}: run {run_id} {status}:\n{fed.logs(run_id)[-4000:]}")
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--out", default=str(HERE / "results" / "flower-vs-inprocess.json"))
+    args = parser.parse_args()
+    overrides = BASE + args.set
+    cfg = load_config(None, overrides)
+    work = Path(tempfile.mkdtemp(prefix="flower-bench-"))
+
+    t0 = time.perf_counter()
+    run_experiment(cfg.with_field("run.out_dir", str(work / "inprocess")))
+    inprocess_wall = time.perf_counter() - t0
+    flower, flower_wall = flower_run(work, overrides, cfg.federation.clients, "flower")
+    secagg, secagg_wall = flower_run(work, overrides + ["secagg.enabled=true"], cfg.federation.clients, "secagg")
+
+    rec = {name: round_record(work / name) for name in ("inprocess", "flower", "secagg")}
+    refs = {"llm": None, "slm": None}
+    final = {name: RunDir(work / name).load_round("fedcollm", 1, refs) for name in rec}
+    results = {
+        "inprocess_round_s": rec["inprocess"]["timing"]["round_s"],
+        "flower_round_s": rec["flower"]["timing"]["round_s"],
+        "ratio": rec["flower"]["timing"]["round_s"] / rec["inprocess"]["timing"]["round_s"],
+        "secagg_round_s": rec["secagg"]["timing"]["round_s"],
+        "secagg_ratio": rec["secagg"]["timing"]["round_s"] / rec["inprocess"]["timing"]["round_s"],
+        "client_phase_s": {name: r["timing"]["client_train_s"] for name, r in rec.items()},
+        "flower_equals_inprocess": all(torch.equal(final["flower"][w][k], final["inprocess"][w][k])
+                                       for w in refs for k in final["inprocess"][w]),
+        "secagg_rel_error": relative_l2(final["secagg"]["slm"], final["inprocess"]["slm"]),
+        "secagg_rel_error_llm": relative_l2(final["secagg"]["llm"], final["inprocess"]["llm"]),
+        "secagg_server_saw_only_the_average": rec["secagg"]["secagg_all_results_identical"],
+        "bytes_up_per_round": rec["flower"]["bytes_up"], "bytes_down_per_round": rec["flower"]["bytes_down"],
+        "inprocess_bytes_up_per_round": rec["inprocess"]["bytes_up"],
+        "wall_s": {"inprocess": inprocess_wall, "flower_incl_startup": flower_wall, "secagg_incl_startup": secagg_wall},
+        "setting": {"overrides": overrides, "llm": cfg.model.llm, "slm": cfg.model.slm,
+                    "clients": cfg.federation.clients, "cpu": cpu_model(), "cores": torch.get_num_threads(),
+                    "dtype": str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))),
+                    "torch": torch.__version__,
+                    "flower": "1.42.0 loopback, TLS + SuperNode auth, one process per SuperNode",
+                    "secagg": {"num_shares": cfg.secagg.num_shares,
+                               "reconstruction_threshold": cfg.secagg.reconstruction_threshold,
+                               "clipping_range": cfg.secagg.clipping_range,
+                               "quantization_range": cfg.secagg.quantization_range,
+                               "max_weight": "largest declared shard size of the round"},
+                    "work_dir": str(work)},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "setting"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
