@@ -45,8 +45,8 @@ def _ask(handler, content: RecordDict, context: Context, kind: str) -> Message:
 
 
 def test_client_trains_its_partition_like_the_inprocess_engine(model_dirs, data_dir, make_workbench):
-    from fedcollm.engines.inprocess import SimulatedClient
     from fedcollm.comm import pack, unpack
+    from fedcollm.engines.inprocess import SimulatedClient
 
     config = _config(model_dirs, data_dir)
     context = _context({"partition-id": 1, "num-partitions": 3})

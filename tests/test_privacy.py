@@ -26,7 +26,11 @@ def test_clip_change_bounds_the_change_not_the_adapter():
 
 
 def _independent_epsilon(rounds, z, sampled, population, delta):
-    from dp_accounting import GaussianDpEvent, SampledWithoutReplacementDpEvent, SelfComposedDpEvent
+    from dp_accounting import (
+        GaussianDpEvent,
+        SampledWithoutReplacementDpEvent,
+        SelfComposedDpEvent,
+    )
     from dp_accounting.rdp import RdpAccountant
     from dp_accounting.rdp.rdp_privacy_accountant import NeighborRel
 

@@ -37,8 +37,13 @@ def epsilon(rounds: int, noise_multiplier: float, sampled: int, population: int,
     every client takes part, there is no amplification (add-or-remove-one neighbours).
     """
     try:
-        from flwr.serverapp import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant,
-                                    SamplingMethod)
+        from flwr.serverapp import (
+            GaussianPrivacyEvent,
+            NeighboringRelation,
+            PrivacyConfig,
+            RdpAccountant,
+            SamplingMethod,
+        )
     except ImportError as err:
         raise ConfigError('dp.noise_multiplier > 0 needs the accountant: pip install -e ".[flower]"') from err
     full = sampled >= population

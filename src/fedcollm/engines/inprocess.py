@@ -181,8 +181,7 @@ def _client_phase(method: Method, transport: Transport, states: States, r: int, 
     else:
         states = method.aggregate(states, accepted, r)
         if private:
-            std = dp.noise_multiplier * dp.clip_norm / len(sampled)
-            states = states | {method.shared: add_noise(states[method.shared], std, unit_seed(seed, r, -3))}
+            states = _add_dp_noise(method, states, len(sampled), r)
     if private:
         record["dp_epsilon"] = epsilon(r, dp.noise_multiplier, len(sampled), len(transport.client_names), dp.delta)
     timing["aggregate_s"] = time.perf_counter() - t0
@@ -200,7 +199,7 @@ def _secure_client_phase(method: Method, transport: Transport, states: States, t
     if any(task.tensors is not first.tensors for task in tasks.values()):
         raise FederationError(f"method {method.name} sends each client its own adapter, which SecAgg+ cannot sum; "
                               f"turn secagg.enabled off for it")
-    fed, dp, seed = method.wb.cfg.federation, method.wb.cfg.dp, method.wb.cfg.run.seed
+    fed, dp = method.wb.cfg.federation, method.wb.cfg.dp
     t0 = time.perf_counter()
     average, contributors, seen = transport.fit_secure(first, list(tasks), r)
     timing["client_train_s"] = time.perf_counter() - t0
@@ -220,9 +219,15 @@ def _secure_client_phase(method: Method, transport: Transport, states: States, t
         return states
     states = method.aggregate(states, {"secure aggregate": (average.tensors, average.num_examples)}, r)
     if dp.noise_multiplier > 0 and method.shared is not None:
-        std = dp.noise_multiplier * dp.clip_norm / len(tasks)
-        states = states | {method.shared: add_noise(states[method.shared], std, unit_seed(seed, r, -3))}
+        states = _add_dp_noise(method, states, len(tasks), r)
         record["dp_epsilon"] = epsilon(r, dp.noise_multiplier, len(tasks), len(transport.client_names), dp.delta)
     timing["aggregate_s"] = time.perf_counter() - t0
     record["accepted"] = len(contributors)
     return states
+
+
+def _add_dp_noise(method: Method, states: States, sampled: int, r: int) -> States:
+    """The Gaussian mechanism on the shared adapter: std z * C / (clients sampled), seeded by (seed, round)."""
+    dp = method.wb.cfg.dp
+    std = dp.noise_multiplier * dp.clip_norm / sampled
+    return states | {method.shared: add_noise(states[method.shared], std, unit_seed(method.wb.cfg.run.seed, r, -3))}
