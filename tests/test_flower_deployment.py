@@ -98,7 +98,9 @@ def test_a_supernode_that_dies_mid_run_is_a_dropout_and_the_run_finishes(tiny_se
     root, config, _ = tiny_setup
     out = root / "dropout-run"
     with LoopbackFederation(root / "deploy-dropout", nodes=3, auth=False) as fed:
-        run_id = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 20.0,
+        # the round timeout must outlast a live client's round (process start, model load, training) on a busy
+        # 2-core machine, or live clients count as dropped too; the dead one then costs this much each round
+        run_id = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 60.0,
                              "set": "federation.min_fit_clients=2"})
         _wait_for(out / "config.json")  # the clients answered the setup: round 1 starts now
         fed.kill("node2")
@@ -106,8 +108,10 @@ def test_a_supernode_that_dies_mid_run_is_a_dropout_and_the_run_finishes(tiny_se
         logs = fed.logs(run_id)
     assert status == "finished:completed", logs[-3000:]
     metrics = RunDir(out).read_metrics("fedcollm")
-    assert [m["dropped"] for m in metrics] == [["client_2"], ["client_2"]]
+    # the dead client shows up as no reply (dropped) or as an error reply the SuperLink sends for it (rejected)
+    assert all(m["dropped"] == ["client_2"] or (m["dropped"] == [] and m["rejected"] == 1) for m in metrics)
     assert [m["accepted"] for m in metrics] == [2, 2]
+    assert "client_2" in logs
     assert (out / "fedcollm" / "final.json").exists()
 
 

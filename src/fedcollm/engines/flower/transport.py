@@ -6,6 +6,7 @@ import logging
 import time
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedcollm.comm import Payload
@@ -75,6 +76,8 @@ class FlowerTransport:
         for nid, reply in self._exchange(list(messages.values()), self.timeout):
             name = name_of.get(nid, f"node {nid}")
             if reply.has_error():
+                if reply.error.code == ErrorCode.NODE_UNAVAILABLE:  # the SuperLink says the node is gone
+                    continue  # a dropout, reported below like a reply that never came
                 replies[name] = InvalidUpdate(f"client {name}: failed this round ({reply.error.reason})")
                 continue
             bytes_up += wire_bytes(reply.content)
