@@ -89,10 +89,10 @@ def _client_side(context: Context) -> ClientSide:
     own = str(node.get("data-config", ""))
     if own:
         cfg = _with_own_data(cfg, own)
-        pool = load_train_pool(cfg.task_specs(cfg.data.tasks), cfg.data, cfg.run.seed)
+    pool = load_train_pool(cfg.task_specs(cfg.data.tasks), cfg.data, cfg.run.seed)
+    if own:  # all of its own rows
         shard = [ex for examples in pool.values() for ex in examples]
-    else:
-        pool = load_train_pool(cfg.task_specs(cfg.data.tasks), cfg.data, cfg.run.seed)
+    else:  # shard `index` of the shared split, cut as the in-process engine cuts it
         shard = partition(pool, cfg.federation.clients, cfg.data, cfg.run.seed).clients[index]
     device = resolve_device(cfg.model.device)
     slm_dir = resolve_model_dir(cfg.model.slm, cfg.derive, cfg.data.data_dir)
