@@ -1,8 +1,13 @@
 """One FedCoLLM round in-process, over a loopback Flower deployment (TLS + SuperNode auth), and with SecAgg+,
 in the same invocation on the same machine; writes benchmarks/results/flower-vs-inprocess.json.
 
-    python benchmarks/flower_vs_inprocess.py                       # the embedded demo setting, 1 round
-    python benchmarks/flower_vs_inprocess.py --set data.eval_limit=20
+    python benchmarks/flower_vs_inprocess.py                       # the CPU default setting, 1 round
+    python benchmarks/flower_vs_inprocess.py --config "" --set data.eval_limit=20   # the embedded demo setting
+
+Four arms: in-process; Flower with each SuperNode in `--isolation process` served by a long-lived
+`fedcollm clientapp-worker` (the recommended deployment); the same with SecAgg+; and Flower's default
+(a fresh `flwr-clientapp` process per message) for comparison. Evaluation is cut to the first 50 items per task
+(server-side code identical on every arm, so a smaller evaluation makes the ratio harder to meet, not easier).
 
 Round time is the round's wall time as the server's round loop measures it (client phase, aggregation, server
 distillation, evaluation, checkpoint); evaluation and distillation are the same code on both engines, so the
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -27,6 +33,7 @@ from fedcollm.runs import RunDir
 
 HERE = Path(__file__).resolve().parent
 BASE = ["federation.rounds=1", "run.methods=['fedcollm']", "data.eval_limit=50", "run.round_eval_limit=none"]
+CPU_DEFAULT = HERE / "cpu_default.toml"
 
 
 def cpu_model() -> str:
@@ -45,11 +52,12 @@ def relative_l2(a: dict, b: dict) -> float:
     return (num / sum(float((b[k].double() ** 2).sum()) for k in b)) ** 0.5
 
 
-def flower_run(work: Path, overrides: list[str], nodes: int, name: str) -> tuple[Path, float]:
+def flower_run(work: Path, config: str, overrides: list[str], nodes: int, name: str,
+               worker: bool = True) -> tuple[Path, float]:
     out = work / name
     t0 = time.perf_counter()
-    with LoopbackFederation(work / f"deploy-{name}", nodes=nodes) as fed:
-        run_id = fed.submit({"config": "", "set": ";".join(overrides), "out-dir": str(out), "timeout": 900.0})
+    with LoopbackFederation(work / f"deploy-{name}", nodes=nodes, worker=worker) as fed:
+        run_id = fed.submit({"config": config, "set": ";".join(overrides), "out-dir": str(out), "timeout": 1800.0})
         status = fed.wait(run_id, timeout=3600)
         if status != "finished:completed":
             raise RuntimeError(f"{name}: run {run_id} {status}:\n{fed.logs(run_id)[-4000:]}")
@@ -58,20 +66,23 @@ def flower_run(work: Path, overrides: list[str], nodes: int, name: str) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(CPU_DEFAULT), help="fedcollm TOML (\"\" = the embedded demo)")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", default=str(HERE / "results" / "flower-vs-inprocess.json"))
     args = parser.parse_args()
     overrides = BASE + args.set
-    cfg = load_config(None, overrides)
+    cfg = load_config(args.config or None, overrides)
     work = Path(tempfile.mkdtemp(prefix="flower-bench-"))
 
     t0 = time.perf_counter()
     run_experiment(cfg.with_field("run.out_dir", str(work / "inprocess")))
     inprocess_wall = time.perf_counter() - t0
-    flower, flower_wall = flower_run(work, overrides, cfg.federation.clients, "flower")
-    secagg, secagg_wall = flower_run(work, overrides + ["secagg.enabled=true"], cfg.federation.clients, "secagg")
+    k = cfg.federation.clients
+    _, flower_wall = flower_run(work, args.config, overrides, k, "flower")
+    _, secagg_wall = flower_run(work, args.config, overrides + ["secagg.enabled=true"], k, "secagg")
+    _, subprocess_wall = flower_run(work, args.config, overrides, k, "subprocess", worker=False)
 
-    rec = {name: round_record(work / name) for name in ("inprocess", "flower", "secagg")}
+    rec = {name: round_record(work / name) for name in ("inprocess", "flower", "secagg", "subprocess")}
     refs = {"llm": None, "slm": None}
     final = {name: RunDir(work / name).load_round("fedcollm", 1, refs) for name in rec}
     results = {
@@ -80,6 +91,8 @@ def main() -> None:
         "ratio": rec["flower"]["timing"]["round_s"] / rec["inprocess"]["timing"]["round_s"],
         "secagg_round_s": rec["secagg"]["timing"]["round_s"],
         "secagg_ratio": rec["secagg"]["timing"]["round_s"] / rec["inprocess"]["timing"]["round_s"],
+        "flower_subprocess_round_s": rec["subprocess"]["timing"]["round_s"],
+        "flower_subprocess_ratio": rec["subprocess"]["timing"]["round_s"] / rec["inprocess"]["timing"]["round_s"],
         "client_phase_s": {name: r["timing"]["client_train_s"] for name, r in rec.items()},
         "flower_equals_inprocess": all(torch.equal(final["flower"][w][k], final["inprocess"][w][k])
                                        for w in refs for k in final["inprocess"][w]),
@@ -88,12 +101,15 @@ def main() -> None:
         "secagg_server_saw_only_the_average": rec["secagg"]["secagg_all_results_identical"],
         "bytes_up_per_round": rec["flower"]["bytes_up"], "bytes_down_per_round": rec["flower"]["bytes_down"],
         "inprocess_bytes_up_per_round": rec["inprocess"]["bytes_up"],
-        "wall_s": {"inprocess": inprocess_wall, "flower_incl_startup": flower_wall, "secagg_incl_startup": secagg_wall},
-        "setting": {"overrides": overrides, "llm": cfg.model.llm, "slm": cfg.model.slm,
+        "wall_s": {"inprocess": inprocess_wall, "flower_incl_startup": flower_wall, "secagg_incl_startup": secagg_wall,
+                   "subprocess_incl_startup": subprocess_wall},
+        "setting": {"config": args.config or "embedded demo", "overrides": overrides, "llm": cfg.model.llm, "slm": cfg.model.slm,
                     "clients": cfg.federation.clients, "cpu": cpu_model(), "cores": torch.get_num_threads(),
                     "dtype": str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))),
                     "torch": torch.__version__,
-                    "flower": "1.42.0 loopback, TLS + SuperNode auth, one process per SuperNode",
+                    "flower": "1.42.0 loopback, TLS + SuperNode auth; flower/secagg: --isolation process + one "
+                              "fedcollm clientapp-worker per SuperNode; subprocess: Flower's default",
+                    "threads_per_supernode": max(1, (os.cpu_count() or 1) // k),
                     "secagg": {"num_shares": cfg.secagg.num_shares,
                                "reconstruction_threshold": cfg.secagg.reconstruction_threshold,
                                "clipping_range": cfg.secagg.clipping_range,

@@ -77,3 +77,24 @@ def test_client_with_its_own_data_and_task(model_dirs, data_dir, tmp_path):
         _config(model_dirs, data_dir))})}), context, "query").content.config_records["hello"]
     assert hello["examples"] == 7  # all of its own rows; nothing from the shared data
 
+
+
+def test_a_long_lived_client_process_loads_its_slm_once_per_run(model_dirs, data_dir):
+    """Under `fedcollm clientapp-worker` one process serves every message: later messages of a run reuse the
+    loaded SLM, and a new run replaces (not adds to) what is cached."""
+    setup = RecordDict({"setup": ConfigRecord({"config": json.dumps(_config(model_dirs, data_dir))})})
+    context = _context({"partition-id": 0, "num-partitions": 3})
+    _ask(client_app.setup, setup, context, "query")
+    first = client_app._client_side(context)
+    assert client_app._client_side(context) is first
+    other_run = Context(run_id=8, node_id=1, node_config=context.node_config, state=context.state, run_config={})
+    assert client_app._client_side(other_run) is not first
+    assert len(client_app._cache) == 1
+
+
+def test_clientapp_worker_names_a_missing_certificate(tmp_path):
+    from fedcollm.cli import dispatch
+    from fedcollm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nope.crt"):
+        dispatch(["clientapp-worker", "--root-certificates", str(tmp_path / "nope.crt")])

@@ -85,19 +85,20 @@ def test_flower_deployment_with_tls_and_auth_equals_inprocess(tiny_setup):
         (reference / "results.json").read_text())["slm"]["fedcollm"]
 
 
-def _wait_for(path, timeout=300):
+def _wait_for(path, timeout=300, poll=0.5):
     import time
 
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
-        time.sleep(0.5)
+        time.sleep(poll)
 
 
 def test_a_supernode_that_dies_mid_run_is_a_dropout_and_the_run_finishes(tiny_setup):
     root, config, _ = tiny_setup
     out = root / "dropout-run"
-    with LoopbackFederation(root / "deploy-dropout", nodes=3, auth=False) as fed:
+    # Flower's default isolation here (a ClientApp process per message), the worker elsewhere: both are covered
+    with LoopbackFederation(root / "deploy-dropout", nodes=3, auth=False, worker=False) as fed:
         # the round timeout must outlast a live client's round (process start, model load, training) on a busy
         # 2-core machine, or live clients count as dropped too; the dead one then costs this much each round
         run_id = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 60.0,
@@ -120,10 +121,15 @@ def test_a_server_killed_after_round_1_resumes_to_the_same_adapters(tiny_setup):
     out = root / "resumed-run"
     with LoopbackFederation(root / "deploy-resume", nodes=3, auth=False) as fed:
         first = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 120.0})
-        _wait_for(out / "fedcollm" / "round_001" / "done.json")
+        _wait_for(out / "fedcollm" / "round_001" / "done.json", poll=0.05)
+        workers = [f"worker{k}" for k in range(3)]
+        for name in workers:  # hold round 2 (a client takes >= 1 s to see it) while the server is stopped
+            fed.pause(name)
         fed.flwr("stop", str(first), "fedcollm")
         assert fed.wait(first, timeout=120).startswith("finished")
         assert not (out / "fedcollm" / "final.json").exists()
+        for name in workers:
+            fed.pause(name, resume=True)
         second = fed.submit({"out-dir": str(out), "resume": True, "timeout": 120.0})
         status = fed.wait(second, timeout=600)
         assert status == "finished:completed", fed.logs(second)[-3000:]

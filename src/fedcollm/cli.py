@@ -191,6 +191,15 @@ def cmd_report(args) -> None:
     print(write_report(run, load_results(run)))
 
 
+def cmd_clientapp_worker(args) -> None:
+    from fedcollm.engines.flower.worker import serve
+    from fedcollm.fileio import read_bytes
+
+    certs = (read_bytes(args.root_certificates, "--root-certificates CA certificate", ConfigError)
+             if args.root_certificates else None)
+    serve(args.runtime_api_address, certs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcollm", description="Federated co-tuning of an LLM with clients' SLMs")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -224,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild results.md and accuracy.png from RUN/results.json")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("clientapp-worker", help="serve the Flower ClientApp of a SuperNode started with "
+                       "--isolation process, in one long-lived process (see README: Run across machines)")
+    p.add_argument("--runtime-api-address", default="127.0.0.1:9094",
+                   help="the SuperNode's runtime API (its --port), default 127.0.0.1:9094")
+    p.add_argument("--root-certificates", help="CA certificate of the runtime API when it serves TLS")
+    p.set_defaults(func=cmd_clientapp_worker)
 
     p = sub.add_parser("config-doc", help="print the reference of every config knob")
     p.set_defaults(func=lambda a: print(describe()))

@@ -67,7 +67,10 @@ def _with_own_data(cfg: Config, path: str) -> Config:
 
 
 def _client_side(context: Context) -> ClientSide:
-    """Build (once per run and process) this client's SLM and shard from the setup the server sent."""
+    """Build (once per run and process) this client's SLM and shard from the setup the server sent.
+
+    Under Flower's default isolation every message is a new process and this runs each time; under
+    `fedcollm clientapp-worker` the process lives on and later messages of the run find the cache."""
     setup = str(context.state.config_records[_SETUP]["config"])
     key = (context.run_id, setup)
     if key in _cache:
@@ -99,6 +102,7 @@ def _client_side(context: Context) -> ClientSide:
     slm = add_lora(load_model(slm_dir, resolve_dtype(cfg.model.dtype, device), device), cfg.model.lora,
                    cfg.run.seed + 1)
     side = ClientSide(cfg, index, slm, SFTData(shard, load_tokenizer(slm_dir), cfg.model.max_length))
+    _cache.clear()  # a long-lived worker (clientapp-worker) keeps one run's SLM, not one per run it ever served
     _cache[key] = side
     return side
 

@@ -36,12 +36,16 @@ def _descendants(pid: int) -> list[int]:
 class LoopbackFederation:
     """SuperLink + SuperNodes on this machine; use as a context manager, which kills every process it started."""
 
-    def __init__(self, workdir: Path, nodes: int, tls: bool = True, auth: bool = True):
-        self.work, self.nodes, self.tls, self.auth = Path(workdir), nodes, tls, auth
+    def __init__(self, workdir: Path, nodes: int, tls: bool = True, auth: bool = True, worker: bool = True):
+        """worker: each SuperNode runs `--isolation process` with a long-lived `fedcollm clientapp-worker`
+        (False: Flower's default, a fresh `flwr-clientapp` process per message). Every node gets an equal share
+        of this machine's cores (OMP_NUM_THREADS), as it would have its own machine's cores."""
+        self.work, self.nodes, self.tls, self.auth, self.worker = Path(workdir), nodes, tls, auth, worker
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = os.environ | {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                                  "PYTHONUNBUFFERED": "1"}
+        self.node_threads = str(max(1, (os.cpu_count() or 1) // nodes))
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
     def __enter__(self) -> "LoopbackFederation":
@@ -98,24 +102,35 @@ class LoopbackFederation:
         """Start SuperNode k (partition-id k); restarting a killed one is the same call."""
         keys = self.work / "keys"
         auth = ["--auth-supernode-private-key", str(keys / f"node{k}")] if self.auth else []
-        self._spawn(f"node{k}", ["flower-supernode", *self.tls_node, *auth, "--superlink", f"127.0.0.1:{self.port}",
-                                 "--host", "127.0.0.1", "--port", str(free_port()), "--node-config",
-                                 f"partition-id={k} num-partitions={partitions or self.nodes}"],
-                    self._home(f"node{k}"))
+        isolation = ["--isolation", "process"] if self.worker else []
+        runtime, env = free_port(), self._home(f"node{k}") | {"OMP_NUM_THREADS": self.node_threads}
+        self._spawn(f"node{k}", ["flower-supernode", *self.tls_node, *auth, *isolation, "--superlink",
+                                 f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(runtime),
+                                 "--node-config", f"partition-id={k} num-partitions={partitions or self.nodes}"], env)
+        if self.worker:
+            self._spawn(f"worker{k}", ["fedcollm", "clientapp-worker", "--runtime-api-address",
+                                       f"127.0.0.1:{runtime}"], env)
 
     def kill(self, name: str) -> None:
-        """SIGKILL one process and everything it started (a machine that dies)."""
-        proc = self.procs.pop(name)
-        for pid in _descendants(proc.pid) + [proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        """SIGKILL one process and everything it started; a SuperNode dies with its worker (a machine that dies)."""
+        procs = [self.procs.pop(name)]
+        if name.startswith("node") and f"worker{name[4:]}" in self.procs:
+            procs.append(self.procs.pop(f"worker{name[4:]}"))
+        for proc in procs:
+            for pid in _descendants(proc.pid) + [proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+
+    def pause(self, name: str, resume: bool = False) -> None:
+        """SIGSTOP (or, with resume, SIGCONT) one process: a client machine that hangs without disconnecting."""
+        os.kill(self.procs[name].pid, signal.SIGCONT if resume else signal.SIGSTOP)
 
     def stop(self) -> None:
-        for name in list(self.procs):
-            self.kill(name)
+        while self.procs:
+            self.kill(next(iter(self.procs)))
 
     # ---- runs ---------------------------------------------------------------------------------------------------
     def flwr(self, *args: str, cwd: Path | None = None) -> str:

@@ -1,0 +1,93 @@
+"""A long-lived ClientApp runner for a SuperNode started with `--isolation process`.
+
+Flower 1.42 runs every message in a fresh `flwr-clientapp` process: each one imports torch, transformers and peft
+and loads the SLM and its shard again (about 10 s of CPU per client per message, and a SecAgg+ round is four
+messages). This worker takes the place of the SuperExec + `flwr-clientapp` pair the SuperNode would otherwise
+spawn: it acquires ClientApp tasks from the SuperNode's runtime API and runs each in this one process, so the
+ClientApp's per-run cache (SLM, shard) lives across rounds. It runs Flower's own task steps (pull the input,
+call the app, push the reply and the context) minus the process exit. Written by hand because Flower has no
+long-lived ClientApp runner; it uses runtime-API helpers of the pinned flwr==1.42.0.
+
+It serves only the fedcollm ClientApp: it is the client's code, installed on the client's machine, exactly like
+the app a SuperNode would load from the FAB.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _runtime_client(address: str, root_certificates: bytes | None, component: str,
+                    token: str | None = None) -> RuntimeHttpClient:
+    interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=root_certificates is None, root_certificates=root_certificates,
+        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+
+
+def run_task(address: str, token: str, root_certificates: bytes | None = None) -> None:
+    """One ClientApp task: pull the message and context, run the app, push the reply and the new context."""
+    from fedcollm.engines.flower.client_app import app
+
+    client = _runtime_client(address, root_certificates, "flwr-clientapp", token)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = context = reply = None
+    status, details = SubStatus.FAILED, "ClientApp task failed"
+    try:
+        message, context, _run, _fab = pull_task_input(client)
+        reply = app(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as err:  # noqa: BLE001 - as flwr-clientapp does: the server gets an error reply, we go on
+        log.exception("ClientApp raised")
+        details = f"{type(err)}:<'{err}'>"
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+        finally:
+            heartbeat.stop()
+            client.close()
+
+
+def serve(address: str, root_certificates: bytes | None = None, poll_interval: float = 0.2) -> None:
+    """Acquire and run ClientApp tasks from the SuperNode at `address` until killed."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    acquirer = _runtime_client(address, root_certificates, "SuperExec")
+    log.info("fedcollm ClientApp worker serving SuperNode runtime API %s", address)
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value], agentapp_fab_hashes=[])
+    while True:
+        try:
+            res = acquirer.AcquireTask(request)
+            if res.HasField("task") and res.token:
+                run_task(address, res.token, root_certificates)
+                continue
+        except Exception:  # noqa: BLE001 - a stopped run or a restarting SuperNode must not end the worker
+            log.exception("ClientApp task could not be completed; waiting for the next one")
+        time.sleep(poll_interval)
