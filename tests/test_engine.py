@@ -10,8 +10,8 @@ from fedcollm.runs import RunDir
 class NaNClient(SimulatedClient):
     """A faulty client whose upload holds NaN."""
 
-    def fit(self, blob, round_idx):
-        payload = unpack(super().fit(blob, round_idx))
+    def fit(self, blob, round_idx, method):
+        payload = unpack(super().fit(blob, round_idx, method))
         key = next(iter(payload.tensors))
         payload.tensors[key][0, 0] = float("nan")
         return pack(payload)
@@ -19,7 +19,7 @@ class NaNClient(SimulatedClient):
 
 def test_client_payload_holds_only_adapter_tensors_and_a_count(make_workbench):
     wb = make_workbench()
-    payload = unpack(SimulatedClient(wb, 0).fit(pack(Payload(wb.slm_init)), 1))
+    payload = unpack(SimulatedClient(wb, 0).fit(pack(Payload(wb.slm_init)), 1, "fedavg"))
     assert payload.num_examples == len(wb.client_data[0])
     assert set(payload.tensors) == set(wb.slm_init)
     assert all("lora_" in k for k in payload.tensors)
@@ -113,9 +113,9 @@ def test_engine_never_branches_on_method_names():
 class GreedyClient(SimulatedClient):
     """A poisoning client: claims 10^12 examples and scales its update by 10^6."""
 
-    def fit(self, blob, round_idx):
+    def fit(self, blob, round_idx, method):
         sent = unpack(blob).tensors
-        payload = unpack(super().fit(blob, round_idx))
+        payload = unpack(super().fit(blob, round_idx, method))
         scaled = {k: sent[k] + (v - sent[k]) * 1e6 for k, v in payload.tensors.items()}
         return pack(Payload(scaled, 10**12))
 

@@ -57,7 +57,7 @@ def test_client_trains_its_partition_like_the_inprocess_engine(model_dirs, data_
 
     reply = _ask(client_app.train, to_record(Payload(wb.slm_init), round=1), context, "train")
     ours = from_record(reply.content, "client_1")
-    theirs = unpack(SimulatedClient(wb, 1).fit(pack(Payload(wb.slm_init)), 1))
+    theirs = unpack(SimulatedClient(wb, 1).fit(pack(Payload(wb.slm_init)), 1, "fedavg"))
     assert ours.num_examples == theirs.num_examples
     assert all((ours.tensors[k] - theirs.tensors[k]).abs().max() < 1e-6 for k in theirs.tensors)
 

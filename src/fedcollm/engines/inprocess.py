@@ -12,12 +12,12 @@ import random
 import time
 from typing import Protocol
 
-from fedcollm.aggregate import bound_update, validate_update
-from fedcollm.algorithms.training import client_update, unit_seed
+from fedcollm.aggregate import validate_update
+from fedcollm.algorithms.training import unit_seed
 from fedcollm.comm import Payload, pack, unpack
 from fedcollm.errors import FederationError, InvalidUpdate
 from fedcollm.methods import METHOD_CLASSES, Method
-from fedcollm.methods.base import States, curve_items
+from fedcollm.methods.base import ClientResources, States, curve_items
 from fedcollm.privacy import add_noise, clip_change, epsilon
 from fedcollm.runs import RunDir
 from fedcollm.workbench import Workbench
@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 class Client(Protocol):
     name: str
 
-    def fit(self, blob: bytes, round_idx: int) -> bytes: ...
+    def fit(self, blob: bytes, round_idx: int, method: str) -> bytes: ...
 
 
 class Transport(Protocol):
-    """How the server reaches its clients: send each named client its task, return what came back.
+    """How the server reaches its clients: send each named client its task and the name of the method whose
+    `client_fit` it runs, return what came back.
 
     A reply is a decoded Payload, or the InvalidUpdate that decoding it raised; a client that did not answer
     (dropped, timed out) is simply missing. Byte counts are of what crossed the wire, each way.
@@ -40,22 +41,21 @@ class Transport(Protocol):
 
     client_names: list[str]
 
-    def fit(self, tasks: dict[str, Payload], round_idx: int) -> tuple[dict[str, Payload | InvalidUpdate], int, int]: ...
+    def fit(self, tasks: dict[str, Payload], round_idx: int,
+            method: str) -> tuple[dict[str, Payload | InvalidUpdate], int, int]: ...
 
 
 class SimulatedClient:
-    """Client k in this process: receives the broadcast bytes, trains on its own shard, returns bytes."""
+    """Client k in this process: receives the task bytes, runs the named method's client hook on its own shard
+    (and the public set, which this process holds anyway), returns bytes."""
 
     def __init__(self, wb: Workbench, k: int):
         self.wb, self.k, self.name = wb, k, f"client_{k}"
+        self.resources = ClientResources(wb.cfg, k, wb.slm, wb.tokenizer, wb.client_data[k], wb.aux_data,
+                                         wb.tokenizer)
 
-    def fit(self, blob: bytes, round_idx: int) -> bytes:
-        fed = self.wb.cfg.federation
-        theta, n, step_log = client_update(self.wb.slm, unpack(blob, "server").tensors, self.wb.client_data[self.k],
-                                           fed.local_epochs, fed.client_lr, fed.batch_size,
-                                           unit_seed(self.wb.cfg.run.seed, round_idx, self.k))
-        log.debug("%s round %d: loss %.4f", self.name, round_idx, step_log.mean_loss)
-        return pack(Payload(theta, n))
+    def fit(self, blob: bytes, round_idx: int, method: str) -> bytes:
+        return pack(METHOD_CLASSES[method].client_fit(self.resources, unpack(blob, "server"), round_idx))
 
 
 class InProcessTransport:
@@ -65,12 +65,13 @@ class InProcessTransport:
         self.clients = {c.name: c for c in clients}
         self.client_names = list(self.clients)
 
-    def fit(self, tasks: dict[str, Payload], round_idx: int) -> tuple[dict[str, Payload | InvalidUpdate], int, int]:
+    def fit(self, tasks: dict[str, Payload], round_idx: int,
+            method: str) -> tuple[dict[str, Payload | InvalidUpdate], int, int]:
         replies: dict[str, Payload | InvalidUpdate] = {}
         down = up = 0
         for name, task in tasks.items():
             blob = pack(task)
-            reply = self.clients[name].fit(blob, round_idx)
+            reply = self.clients[name].fit(blob, round_idx, method)
             down, up = down + len(blob), up + len(reply)
             try:
                 replies[name] = unpack(reply, name)
@@ -153,7 +154,7 @@ def _client_phase(method: Method, transport: Transport, states: States, r: int, 
     if getattr(transport, "secure", False):
         return _secure_client_phase(method, transport, states, tasks, r, timing, record)
     t0 = time.perf_counter()
-    replies, bytes_down, bytes_up = transport.fit(tasks, r)
+    replies, bytes_down, bytes_up = transport.fit(tasks, r, method.name)
     timing["client_train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -165,9 +166,7 @@ def _client_phase(method: Method, transport: Transport, states: States, r: int, 
                 raise InvalidUpdate(f"client {name}: no reply (dropped out or timed out)")
             if isinstance(reply, InvalidUpdate):
                 raise reply
-            validate_update(reply.tensors, tasks[name].tensors, reply.num_examples, name)
-            accepted[name] = bound_update(reply.tensors, tasks[name].tensors, reply.num_examples, name,
-                                          fed.max_examples, fed.max_update_ratio, fed.norm_action)
+            accepted[name] = method.check_reply(tasks[name], reply, name)
         except InvalidUpdate as err:
             log.warning("round %d: rejected update: %s", r, err)
     dp = method.wb.cfg.dp

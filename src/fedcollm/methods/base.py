@@ -6,9 +6,16 @@ they never ask which method they run.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
+from fedcollm.aggregate import bound_update, validate_update
+from fedcollm.algorithms.training import client_update, unit_seed
+from fedcollm.comm import Payload
 from fedcollm.config import Config
+from fedcollm.data.batching import SFTData
 from fedcollm.evaluate import evaluate_tasks
 from fedcollm.models.lora import AdapterState, load_adapter_state
 from fedcollm.workbench import Workbench
@@ -43,6 +50,23 @@ def mean_over_clients(per_client: list[dict]) -> dict:
             for t in per_client[0]}
 
 
+@dataclass
+class ClientResources:
+    """What one client holds, on any engine: its SLM (LoRA-wrapped), tokenizers, private shard, public set."""
+
+    cfg: Config
+    index: int
+    slm: torch.nn.Module
+    tokenizer: object  # the SLM's
+    data: SFTData  # the private shard
+    public: SFTData | None = None  # the public set D^a in the SLM's tokenization; only where a method needs_public
+    llm_tokenizer: object = None  # the server LLM's (public: tokenizers are not private), to align its logits
+
+    @property
+    def name(self) -> str:
+        return f"client_{self.index}"
+
+
 class Method:
     """The no-training row (Zero-Shot) and the defaults every other method overrides."""
 
@@ -50,6 +74,7 @@ class Method:
     trains: ClassVar[bool] = False  # False: evaluated once, no rounds
     scores: ClassVar[tuple[str, ...]] = ("llm", "slm")  # which models its table rows report
     shared: ClassVar[str | None] = None  # the state every client trains and the server averages (DP noise goes here)
+    needs_public: ClassVar[bool] = False  # True: clients must also hold the public set D^a (ClientResources.public)
 
     def __init__(self, wb: Workbench):
         self.wb = wb
@@ -58,8 +83,26 @@ class Method:
         return {"slm": self.wb.slm_init, "llm": self.wb.llm_init}
 
     def client_task(self, states: States, client: str) -> AdapterState | None:
-        """The adapter `client` fine-tunes this round (None: the client is not asked to train)."""
+        """The tensors `client` is sent this round (None: the client is not asked to train)."""
         return None
+
+    @classmethod
+    def client_fit(cls, res: ClientResources, task: Payload, round_idx: int) -> Payload:
+        """What a client computes from its task, run on the client's side of any engine (so it sees only
+        `res` and the task, never the server). Default: E local epochs of SFT from the adapter it was sent."""
+        fed = res.cfg.federation
+        theta, n, step_log = client_update(res.slm, task.tensors, res.data, fed.local_epochs, fed.client_lr,
+                                           fed.batch_size, unit_seed(res.cfg.run.seed, round_idx, res.index))
+        log.debug("%s round %d: loss %.4f", res.name, round_idx, step_log.mean_loss)
+        return Payload(theta, n)
+
+    def check_reply(self, task: Payload, reply: Payload, client: str) -> tuple[AdapterState, int]:
+        """One client's decoded reply, checked on its own (InvalidUpdate naming `client` when it is refused) and
+        bounded by the robustness policy. Default: an adapter shaped like the one sent, with an example count."""
+        fed = self.wb.cfg.federation
+        validate_update(reply.tensors, task.tensors, reply.num_examples, client)
+        return bound_update(reply.tensors, task.tensors, reply.num_examples, client, fed.max_examples,
+                            fed.max_update_ratio, fed.norm_action)
 
     def aggregate(self, states: States, updates: Updates, r: int) -> States:
         """Combine the accepted uploads of round `r` (already decoded and validated one by one)."""

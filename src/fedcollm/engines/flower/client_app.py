@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -26,7 +25,6 @@ from flwr.common import (
 from flwr.compat.common import recorddict_compat as compat
 
 from fedcollm.aggregate import bound_update
-from fedcollm.algorithms.training import client_update, unit_seed
 from fedcollm.comm import Payload
 from fedcollm.config import Config
 from fedcollm.data.batching import SFTData
@@ -34,6 +32,8 @@ from fedcollm.data.partition import load_train_pool, partition
 from fedcollm.engines.flower.records import from_record, to_record
 from fedcollm.engines.flower.secagg import from_arrays, to_arrays
 from fedcollm.errors import ConfigError
+from fedcollm.methods import METHOD_CLASSES, Method
+from fedcollm.methods.base import ClientResources
 from fedcollm.models.lora import adapter_state
 from fedcollm.privacy import clip_change
 
@@ -41,20 +41,7 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 _SETUP = "fedcollm"
 
-
-@dataclass
-class ClientSide:
-    cfg: Config
-    index: int
-    slm: object
-    data: SFTData
-
-    @property
-    def name(self) -> str:
-        return f"client_{self.index}"
-
-
-_cache: dict[tuple[int, str], ClientSide] = {}
+_cache: dict[tuple[int, str], ClientResources] = {}
 
 
 def _with_own_data(cfg: Config, path: str) -> Config:
@@ -66,8 +53,9 @@ def _with_own_data(cfg: Config, path: str) -> Config:
     return Config.from_dict(base, where=path)
 
 
-def _client_side(context: Context) -> ClientSide:
-    """Build (once per run and process) this client's SLM and shard from the setup the server sent.
+def _client_side(context: Context) -> ClientResources:
+    """Build (once per run and process) this client's SLM and shard (and the public set, where a configured
+    method needs it) from the setup the server sent.
 
     Under Flower's default isolation every message is a new process and this runs each time; under
     `fedcollm clientapp-worker` the process lives on and later messages of the run find the cache."""
@@ -90,18 +78,26 @@ def _client_side(context: Context) -> ClientSide:
         raise ConfigError("node config: partition-id is required (flower-supernode --node-config 'partition-id=K')")
     index = int(node["partition-id"])
     own = str(node.get("data-config", ""))
-    if own:
-        cfg = _with_own_data(cfg, own)
-    pool = load_train_pool(cfg.task_specs(cfg.data.tasks), cfg.data, cfg.run.seed)
+    needs_public = any(METHOD_CLASSES[m].needs_public for m in cfg.run.methods)
+    shared = None
+    if needs_public or not own:  # the shared split, cut as the in-process engine cuts it
+        shared = partition(load_train_pool(cfg.task_specs(cfg.data.tasks), cfg.data, cfg.run.seed),
+                           cfg.federation.clients, cfg.data, cfg.run.seed)
     if own:  # all of its own rows
+        cfg = _with_own_data(cfg, own)
+        pool = load_train_pool(cfg.task_specs(cfg.data.tasks), cfg.data, cfg.run.seed)
         shard = [ex for examples in pool.values() for ex in examples]
-    else:  # shard `index` of the shared split, cut as the in-process engine cuts it
-        shard = partition(pool, cfg.federation.clients, cfg.data, cfg.run.seed).clients[index]
+    else:  # shard `index` of the shared split
+        shard = shared.clients[index]
     device = resolve_device(cfg.model.device)
     slm_dir = resolve_model_dir(cfg.model.slm, cfg.derive, cfg.data.data_dir)
     slm = add_lora(load_model(slm_dir, resolve_dtype(cfg.model.dtype, device), device), cfg.model.lora,
                    cfg.run.seed + 1)
-    side = ClientSide(cfg, index, slm, SFTData(shard, load_tokenizer(slm_dir), cfg.model.max_length))
+    tokenizer = load_tokenizer(slm_dir)
+    max_len = cfg.model.max_length
+    public = SFTData(shared.aux, tokenizer, max_len) if needs_public else None
+    # one tokenizer for LLM and SLM until the Workbench holds one per model (it refuses two vocabularies today)
+    side = ClientResources(cfg, index, slm, tokenizer, SFTData(shard, tokenizer, max_len), public, tokenizer)
     _cache.clear()  # a long-lived worker (clientapp-worker) keeps one run's SLM, not one per run it ever served
     _cache[key] = side
     return side
@@ -116,22 +112,17 @@ def setup(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"hello": hello}), reply_to=msg)
 
 
-def _local_update(side: ClientSide, sent: dict, r: int) -> tuple[dict, int]:
-    """E local epochs of SFT from the broadcast adapter."""
-    fed = side.cfg.federation
-    theta, n, log_ = client_update(side.slm, sent, side.data, fed.local_epochs, fed.client_lr, fed.batch_size,
-                                   unit_seed(side.cfg.run.seed, r, side.index))
-    log.info("%s round %d: loss %.4f", side.name, r, log_.mean_loss)
-    return theta, n
-
-
 @app.train("plain")
 def train(msg: Message, context: Context) -> Message:
-    """Train from the broadcast adapter; reply with the new adapter and the shard size (the server checks both)."""
+    """Run the client hook of the method the server names in `meta` on the task; reply with what it returns
+    (the server checks it). A message without a method name is plain SFT from the sent adapter."""
     side = _client_side(context)
-    r = int(msg.content.config_records["meta"]["round"])
-    theta, n = _local_update(side, from_record(msg.content, "server").tensors, r)
-    return Message(to_record(Payload(theta, n)), reply_to=msg)
+    meta = msg.content.config_records["meta"]
+    method = str(meta.get("method", Method.name))
+    if method not in METHOD_CLASSES:
+        raise ConfigError(f"server asked for unknown method {method!r}; known: {', '.join(METHOD_CLASSES)}")
+    reply = METHOD_CLASSES[method].client_fit(side, from_record(msg.content, "server"), int(meta["round"]))
+    return Message(to_record(reply), reply_to=msg)
 
 
 @app.train(mods=[secaggplus_mod])
@@ -146,7 +137,8 @@ def train_secure(msg: Message, context: Context) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     like = adapter_state(side.slm)
     sent = from_arrays(parameters_to_ndarrays(fitins.parameters), like)
-    theta, n = _local_update(side, sent, int(fitins.config["round"]))
+    update = Method.client_fit(side, Payload(sent), int(fitins.config["round"]))
+    theta, n = update.tensors, update.num_examples
     fed, dp = side.cfg.federation, side.cfg.dp
     theta, n = bound_update(theta, sent, n, side.name, fed.max_examples, fed.max_update_ratio, "clip")
     if dp.noise_multiplier > 0:

@@ -87,12 +87,14 @@ class FlowerTransport:
         log.info("clients: %s", ", ".join(f"{n} (node {i})" for n, i in sorted(node_of.items())))
         return node_of
 
-    def fit(self, tasks: dict[str, Payload], round_idx: int) -> tuple[dict[str, Payload | InvalidUpdate], int, int]:
+    def fit(self, tasks: dict[str, Payload], round_idx: int,
+            method: str) -> tuple[dict[str, Payload | InvalidUpdate], int, int]:
         connected = set(self.grid.get_node_ids())
         gone = sorted(name for name in tasks if self.node_of[name] not in connected)
         if gone:
             log.warning("round %d: %s no longer connected (dropped out)", round_idx, ", ".join(gone))
-        messages = {name: self.grid.create_message(to_record(task, round=round_idx), PLAIN_TRAIN, self.node_of[name],
+        messages = {name: self.grid.create_message(to_record(task, round=round_idx, method=method),
+                                                   PLAIN_TRAIN, self.node_of[name],
                                                    str(round_idx))
                     for name, task in tasks.items() if name not in gone}
         name_of = {nid: name for name, nid in self.node_of.items()}
