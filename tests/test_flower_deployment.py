@@ -160,6 +160,9 @@ def test_secagg_server_holds_only_the_average_and_matches_inprocess_within_quant
     assert [m["contributors"] for m in metrics] == [["client_0", "client_1", "client_2"]] * 2
     refs = {"llm": None, "slm": None}
     ours, theirs = _final_adapters(out, refs), _final_adapters(reference, refs)
+    # bytes of all four stages on the wire: each client uploads its masked adapter, >= 32 bits per value
+    masked = 4 * sum(t.numel() for t in theirs["slm"].values())
+    assert all(m["bytes_up"] > 3 * masked and m["bytes_down"] > 0 for m in metrics)
     error = _relative_l2(ours["slm"], theirs["slm"])
     (root / "secagg_rel_error.json").write_text(json.dumps({"slm_rel_l2_after_2_rounds": error}))
     assert 0 < error < 1e-4, error

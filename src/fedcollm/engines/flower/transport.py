@@ -19,16 +19,20 @@ POLL_S = 0.2
 
 
 class PromptGrid:
-    """A Grid whose send_and_receive looks for replies every POLL_S seconds instead of Flower's fixed 3 s: with
-    a few messages per round (four under SecAgg+), 3 s polls add seconds of idle time to every round."""
+    """A Grid whose send_and_receive looks for replies every POLL_S seconds instead of Flower's fixed 3 s (with
+    a few messages per round, four under SecAgg+, 3 s polls add seconds of idle time to every round), and counts
+    the bytes of everything it sends and receives, so that SecAgg+'s four stages are measured on the wire too."""
 
     def __init__(self, grid: Grid):
         self._grid = grid
+        self.bytes_down = self.bytes_up = 0
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        self.bytes_down += sum(wire_bytes(m.content) for m in messages)
         pending = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -39,6 +43,7 @@ class PromptGrid:
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(POLL_S)
+        self.bytes_up += sum(wire_bytes(m.content) for m in replies if m.has_content())
         return replies
 
 
@@ -122,9 +127,11 @@ class FlowerTransport:
         connected = set(self.grid.get_node_ids())
         chosen = {self.node_of[n] for n in names if self.node_of[n] in connected}
         max_weight = 1.0 if self.weights_equal else float(max(self.examples[n] for n in names))
+        self.grid.bytes_down = self.grid.bytes_up = 0
         average, seen = secure_round(self.grid, self.context, task.tensors, chosen, round_idx, self.secagg, max_weight)
         name_of = {nid: name for name, nid in self.node_of.items()}
         contributors = sorted((name_of[nid] for nid in seen.pop("secagg_contributors")),
                               key=self.client_names.index)
+        seen |= {"bytes_down": self.grid.bytes_down, "bytes_up": self.grid.bytes_up}  # all four SecAgg+ stages
         count = len(contributors) if self.weights_equal else sum(self.examples[n] for n in contributors)
         return (Payload(average, count) if average is not None else None), contributors, seen
