@@ -26,7 +26,7 @@ from typing import Any, get_type_hints
 
 from fedcollm.errors import ConfigError
 
-METHODS = ("zero_shot", "standalone", "fedavg", "centralized", "fedcollm")
+METHODS = ("zero_shot", "standalone", "fedavg", "centralized", "fedcollm", "fedmkt")
 
 __all__ = ["Config", "ConfigError", "TaskConfig", "METHODS", "preset_tasks", "parse_derived_spec"]
 
@@ -261,6 +261,45 @@ class DistillConfig:
 
 
 @dataclass
+class FedMKTConfig:
+    """FedMKT (arXiv 2406.02224): clients and server exchange top-k logits on the public set D^a and distil from
+    each other's (aligned, selected) distributions; LoRA adapters stay with their owners unless shared."""
+
+    top_k: int = 16
+    """Logits per answer token each side sends (6 bytes each: fp16 value, int32 id); the paper's communication example uses 16, FATE-LLM's code 128."""
+    selection: str = "dual_min_ce"
+    """Which distribution each public example is distilled towards: dual_min_ce (the paper: the best teacher, only where its CE beats the learner's own), greater (the lowest-CE candidate, the learner's own included) or weighted_mean (all candidates, softmax over exp(-CE))."""
+    kd_weight: float = 0.1
+    """w in (1 - w) * answer CE + w * soft-target CE, on both sides (the paper: 0.1)."""
+    temperature: float = 1.0
+    """Softmax temperature of the received top-k logits (the learner's logits stay at T = 1; no T^2 factor)."""
+    llm_epochs: int = 1
+    """Epochs over D^a the server distils the LLM from the clients' logits each round."""
+    slm_epochs: int = 1
+    """Epochs over D^a each client distils its SLM from the LLM's logits, at the start of every round after the first."""
+    llm_lr: float = 3e-5
+    """Learning rate of the LLM adapter during distillation (the paper: 3e-5)."""
+    slm_lr: float = 3e-4
+    """Learning rate of a client's SLM adapter during distillation."""
+    batch_size: int = 8
+    """Public examples per distillation step, on both sides (and per forward pass when computing top-k)."""
+    share_adapters: bool = False
+    """FedAvg the clients' SLM adapters each round (only where every client runs the same SLM); off = each client keeps its own."""
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, "fedmkt.top_k", "must be >= 1")
+        _check(self.selection in ("dual_min_ce", "greater", "weighted_mean"), "fedmkt.selection",
+               f"dual_min_ce, greater or weighted_mean, got {self.selection!r}")
+        _check(0.0 <= self.kd_weight <= 1.0, "fedmkt.kd_weight", "must be in [0, 1]")
+        _check(self.temperature > 0, "fedmkt.temperature", "must be > 0")
+        _check(self.llm_epochs >= 1, "fedmkt.llm_epochs", "must be >= 1")
+        _check(self.slm_epochs >= 0, "fedmkt.slm_epochs", "must be >= 0")
+        _check(self.llm_lr > 0, "fedmkt.llm_lr", "must be > 0")
+        _check(self.slm_lr > 0, "fedmkt.slm_lr", "must be > 0")
+        _check(self.batch_size >= 1, "fedmkt.batch_size", "must be >= 1")
+
+
+@dataclass
 class DPConfig:
     noise_multiplier: float = 0.0
     """z: client-level DP on the shared adapter, Gaussian noise std z * clip_norm / clients sampled; 0 = off."""
@@ -331,7 +370,7 @@ class DeriveConfig:
 @dataclass
 class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["zero_shot", "fedcollm"])
-    """Methods to run, any of zero_shot, standalone, fedavg, centralized, fedcollm (one sub-directory each)."""
+    """Methods to run, any of zero_shot, standalone, fedavg, centralized, fedcollm, fedmkt (one sub-directory each)."""
     seed: int = 0
     """Seeds data split, LoRA init, batch order and dropout."""
     out_dir: str = "runs/demo"
@@ -363,6 +402,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    fedmkt: FedMKTConfig = field(default_factory=FedMKTConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     derive: DeriveConfig = field(default_factory=DeriveConfig)
@@ -380,6 +420,11 @@ class Config:
             for name in getattr(self.data, listed):
                 _check(name in known, f"data.{listed}", f"unknown task {name!r}: declare it in a [tasks.{name}] "
                        f"table or use a preset ({', '.join(preset_tasks())})")
+        if "fedmkt" in self.run.methods:  # both protect adapters; FedMKT's uploads are logits on D^a
+            _check(not self.secagg.enabled, "secagg.enabled", "SecAgg+ sums adapters, but FedMKT uploads top-k "
+                   "logits, which cannot be summed: drop fedmkt from run.methods or turn SecAgg+ off")
+            _check(self.dp.noise_multiplier == 0, "dp.noise_multiplier", "DP here noises the shared adapter, but "
+                   "FedMKT uploads top-k logits that it would not cover: drop fedmkt from run.methods or set it to 0")
         for name in self.data.tasks:
             _check(known[name].train_split is not None, "data.tasks",
                    f"task {name!r} has no train split (evaluation-only): set tasks.{name}.train_split or move it "
@@ -512,7 +557,7 @@ def describe() -> str:
                         rows.append((stmt.target.id, default, nxt.value.value))
             docs[node.name] = rows
     sections = {"model": "ModelConfig", "model.lora": "LoraConfig", "data": "DataConfig",
-                "federation": "FederationConfig", "distill": "DistillConfig", "dp": "DPConfig", "secagg": "SecAggConfig", "derive": "DeriveConfig",
+                "federation": "FederationConfig", "distill": "DistillConfig", "fedmkt": "FedMKTConfig", "dp": "DPConfig", "secagg": "SecAggConfig", "derive": "DeriveConfig",
                 "run": "RunConfig", "tasks.NAME": "TaskConfig"}
     out = []
     for section, cls_name in sections.items():

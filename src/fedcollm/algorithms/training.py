@@ -1,4 +1,5 @@
-"""The pure training steps of FedCoLLM: client SFT and server mutual distillation (no transport inside).
+"""The pure training steps: client SFT, FedCoLLM's server mutual distillation, FedMKT's public-set top-k and
+distillation towards per-example targets (no transport inside).
 
 Every unit of work re-seeds torch from (seed, round, role), so the same unit gives the same result whether
 it runs in one go, after a resume, or on another engine.
@@ -10,9 +11,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedcollm.data.batching import AnswerBatch, SFTData, answer_logits
+from fedcollm.alignment.exchange import TopK, topk_of
+from fedcollm.alignment.sequence import fedmkt_loss, soft_target_ce
+from fedcollm.alignment.transfer import Target, collate_targets
+from fedcollm.data.batching import AnswerBatch, SFTData, answer_logits, collate
 from fedcollm.distill.losses import answer_ce, mutual_losses
 from fedcollm.models.lora import AdapterState, adapter_state, load_adapter_state
 
@@ -116,6 +121,56 @@ def mutual_distill(llm, slm, aux: SFTData, steps: int, kd_weight: float, tempera
         log.losses.append(stats["ce_f"] + stats["ce_g"] + kd_weight * (stats["kl_f"] + stats["kl_g"]))
     llm.eval()
     slm.eval()
+    log.seconds = time.perf_counter() - t0
+    return log
+
+
+def public_topk(model, data: SFTData, k: int, vocab: int, batch_size: int) -> TopK:
+    """The model's k largest logits among ids [0, vocab) (its tokenizer's; padded embedding rows are no token)
+    on every answer token of `data`, examples in order, with its CE on each example's answer (full vocabulary)."""
+    device = next(model.parameters()).device
+    model.eval()
+    values, ids, ce = [], [], []
+    with torch.no_grad():
+        for s in range(0, len(data.encoded), batch_size):
+            chunk = data.encoded[s:s + batch_size]
+            batch = collate(chunk, data.pad_id).to(device)
+            logits = answer_logits(model, batch)
+            nll = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")
+            for i, (_, n) in enumerate(chunk):
+                v, t = topk_of(logits[i, batch.keep - n:, :vocab], k)
+                values.append(v.cpu())
+                ids.append(t.cpu())
+                ce.append(nll[i, batch.keep - n:].mean().cpu())
+    return TopK.from_examples(values, ids, torch.stack(ce), torch.arange(len(data.encoded)))
+
+
+def distill_steps(model, data: SFTData, targets: list[Target], epochs: int, lr: float, batch_size: int,
+                  kd_weight: float, seed: int, desc: str = "distill") -> StepLog:
+    """`epochs` epochs over `data` of FedMKT's loss, (1 - w) answer CE + w soft-target CE towards each example's
+    target (`targets[i]` for example i; an example whose target is None learns from its CE alone)."""
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    opt = _adamw(model, lr)
+    model.train()
+    log = StepLog()
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    with tqdm(total=epochs * data.steps_per_epoch(batch_size), desc=desc, leave=False) as bar:
+        for _ in range(epochs):
+            for idx, batch in data.indexed_batches(batch_size, gen):
+                batch = batch.to(device)
+                t_ids, t_probs, t_mask = (x.to(device) for x in collate_targets([targets[i] for i in idx],
+                                                                                 batch.keep))
+                logits = answer_logits(model, batch)
+                loss = fedmkt_loss(answer_ce(logits, batch.targets, batch.target_mask),
+                                   soft_target_ce(logits, t_ids, t_probs, t_mask), kd_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                log.losses.append(loss.item())
+                bar.update()
+    model.eval()
     log.seconds = time.perf_counter() - t0
     return log
 

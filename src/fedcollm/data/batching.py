@@ -78,9 +78,15 @@ class SFTData:
         return len(self.examples)
 
     def batches(self, batch_size: int, generator: torch.Generator):
+        for _, batch in self.indexed_batches(batch_size, generator):
+            yield batch
+
+    def indexed_batches(self, batch_size: int, generator: torch.Generator):
+        """(example indices, batch) in a seeded shuffled order: for per-example targets (FedMKT)."""
         order = torch.randperm(len(self.encoded), generator=generator).tolist()
         for s in range(0, len(order), batch_size):
-            yield collate([self.encoded[i] for i in order[s:s + batch_size]], self.pad_id)
+            chunk = order[s:s + batch_size]
+            yield chunk, collate([self.encoded[i] for i in chunk], self.pad_id)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-len(self.encoded) // batch_size)

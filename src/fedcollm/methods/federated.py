@@ -14,6 +14,7 @@ from fedcollm.methods.base import (
     mean_over_clients,
 )
 from fedcollm.models.lora import AdapterState, adapter_state, load_adapter_state
+from fedcollm.workbench import Workbench
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,15 @@ class Standalone(Method):
         return states | {c: theta for c, (theta, _) in updates.items()}  # a rejected client keeps its adapter
 
     def evaluate(self, states: States, limit: int | None, r: int) -> dict:
-        if limit is not None and r < self.wb.cfg.federation.rounds:
-            return {}  # K evaluations a round are too dear for a curve point; the last round is scored in full
-        per_client = {c: evaluate_state(self.wb, "slm", s, limit, f"standalone r{r} {c}")
-                      for c, s in sorted(states.items())}
-        return {"slm_clients": per_client, "slm": mean_over_clients(list(per_client.values()))}
+        return evaluate_clients(self.wb, states, limit, r, self.name)
+
+
+def evaluate_clients(wb: Workbench, states: States, limit: int | None, r: int, method: str) -> dict:
+    """Each client's own SLM adapter (`states`: client -> adapter) and their mean, the SLM row of the tables."""
+    if limit is not None and r < wb.cfg.federation.rounds:
+        return {}  # K evaluations a round are too dear for a curve point; the last round is scored in full
+    per_client = {c: evaluate_state(wb, "slm", s, limit, f"{method} r{r} {c}") for c, s in sorted(states.items())}
+    return {"slm_clients": per_client, "slm": mean_over_clients(list(per_client.values()))}
 
 
 class FedAvg(Method):

@@ -1,0 +1,203 @@
+"""FedMKT (Fan et al., arXiv 2406.02224): mutual knowledge transfer between the server's LLM and the clients'
+SLMs through top-k logits on the public set D^a, across tokenizers, in FATE-LLM's round protocol.
+
+A round. Each client (`client_fit`, from its own adapter): (a) from the second round on, distils its SLM
+towards the LLM's top-k of the previous round, aligned into its own tokenization and vocabulary and selected
+per example; (b) fine-tunes on its private shard; (c) uploads its top-k logits and per-example CE on D^a. The
+server aligns each client's top-k into the LLM's vocabulary, selects per example (the LLM's own start-of-round
+distribution is a candidate), distils the LLM, and computes the LLM's top-k that the next round's tasks carry.
+The SLMs are scored after (b) of the last round: the LLM's last top-k is never sent.
+
+What crosses the network, all of it in the byte figures: down, the client's SLM adapter and (after round 1) the
+LLM's top-k on D^a; up, the adapter and the client's top-k and CEs. The adapter travels because a client here is
+stateless (on Flower a client process may be new each round): the server holds each client's adapter for it and
+scores it, as for Standalone (with fedmkt.share_adapters, their FedAvg instead). The LLM's adapter stays on the
+server. The logits describe D^a, which is public, but they are a function of the client's private fine-tuning.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from fedcollm.aggregate import fedavg
+from fedcollm.algorithms.training import (
+    StepLog,
+    client_update,
+    distill_steps,
+    public_topk,
+    unit_seed,
+)
+from fedcollm.alignment.exchange import PREFIX, TopK, from_tensors, to_tensors
+from fedcollm.alignment.sequence import SparseTargets, aligned_fraction
+from fedcollm.alignment.transfer import answer_rows, example_targets, select_targets
+from fedcollm.alignment.vocab import map_vocab, token_strings
+from fedcollm.comm import Payload
+from fedcollm.config import FedMKTConfig
+from fedcollm.data.batching import SFTData
+from fedcollm.errors import InvalidUpdate
+from fedcollm.methods.base import (
+    ClientResources,
+    Method,
+    States,
+    Updates,
+    evaluate_state,
+)
+from fedcollm.methods.federated import evaluate_clients
+from fedcollm.models.lora import AdapterState, adapter_state, load_adapter_state
+
+log = logging.getLogger(__name__)
+Sender = tuple[TopK, SFTData, object]  # a sender's top-k, its encoding of D^a, its tokenizer
+
+
+def adapter_part(tensors: dict[str, torch.Tensor]) -> AdapterState:
+    """The adapter tensors of a payload that may also hold top-k tensors."""
+    return {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}
+
+
+def covering(top: TopK, data: SFTData, sender: str) -> TopK:
+    """`top`, refused (naming `sender`) unless it holds every example of `data` in order, one row per answer token."""
+    lengths = [n for _, n in data.encoded]
+    if top.example_ids.tolist() != list(range(len(lengths))) or top.offsets.diff().tolist() != lengths:
+        raise InvalidUpdate(f"top-k from {sender}: does not cover the {len(lengths)} public examples' answer tokens "
+                            f"in order ({top.example_ids.numel()} examples, {top.values.shape[0]} rows)")
+    return top
+
+
+def vocab_ids(src_tokenizer, dst_tokenizer) -> torch.Tensor:
+    """Source token id -> destination token id: the identity for one vocabulary, else the vocabulary map."""
+    if src_tokenizer is dst_tokenizer or src_tokenizer.get_vocab() == dst_tokenizer.get_vocab():
+        return torch.arange(len(src_tokenizer))
+    return map_vocab(src_tokenizer, dst_tokenizer).ids
+
+
+def encoded_as(data: SFTData, data_tokenizer, tokenizer, max_length: int) -> SFTData:
+    """`data`'s examples in `tokenizer`'s tokens (itself where that is the tokenizer it was encoded with)."""
+    return data if tokenizer is data_tokenizer else SFTData(data.examples, tokenizer, max_length)
+
+
+def transfer_targets(sender: Sender, dst: SFTData, dst_tokenizer, temperature: float) -> list[SparseTargets]:
+    """A sender's top-k on D^a as sparse targets on the receiver's answer rows, example by example."""
+    top, src, src_tokenizer = sender
+    id_map = vocab_ids(src_tokenizer, dst_tokenizer)
+    src_strings, dst_strings = token_strings(src_tokenizer), token_strings(dst_tokenizer)
+    out = []
+    for e, (s_enc, d_enc) in enumerate(zip(src.encoded, dst.encoded)):
+        ids, n = d_enc
+        rows = answer_rows(s_enc, d_enc, src_strings, dst_strings)
+        out.append(example_targets(top, e, rows, id_map, torch.tensor(ids[len(ids) - n:]), temperature))
+    return out
+
+
+def distil_from(model, tokenizer, public: SFTData, own: TopK, senders: list[Sender], mkt: FedMKTConfig, epochs: int,
+                lr: float, seed: int, desc: str) -> tuple[StepLog, dict]:
+    """Distil `model` on D^a towards the senders' aligned top-k, chosen per example by `mkt.selection` against its
+    own start-of-round top-k `own`; returns the step log and what the record shows (aligned and distilled shares)."""
+    teachers = [transfer_targets(s, public, tokenizer, mkt.temperature) for s in senders]
+    own_targets = transfer_targets((own, public, tokenizer), public, tokenizer, mkt.temperature)
+    targets = select_targets(mkt.selection, own.ce, own_targets, torch.stack([s[0].ce for s in senders]), teachers)
+    steps = distill_steps(model, public, targets, epochs, lr, mkt.batch_size, mkt.kd_weight, seed, desc)
+    aligned = [aligned_fraction(torch.cat([t.aligned for t in per_example])) for per_example in teachers]
+    return steps, {"aligned_fraction": sum(aligned) / len(aligned),
+                   "distilled_fraction": sum(t is not None for t in targets) / len(targets)}
+
+
+class FedMKT(Method):
+    """Clients and server exchange top-k logits on D^a and distil from each other (see the module docstring)."""
+
+    name = "fedmkt"
+    trains = True
+    scores = ("llm", "slm")
+    needs_public = True
+
+    def __init__(self, wb):
+        super().__init__(wb)
+        self.mkt = wb.cfg.fedmkt
+        self._llm_view: tuple[AdapterState, TopK] | None = None
+        self._uploads: dict[str, TopK] = {}  # this round's accepted client top-k, from aggregate to server_update
+
+    def _client_public(self, client: str) -> tuple[SFTData, object]:
+        """D^a as `client` encodes it, and its tokenizer (one tokenizer for every model, for now)."""
+        return self.wb.aux_data, self.wb.tokenizer
+
+    def _llm_topk(self, states: States) -> TopK:
+        """The LLM's top-k on D^a under states["llm"], computed once per LLM adapter (again after a resume)."""
+        if self._llm_view is None or self._llm_view[0] is not states["llm"]:
+            load_adapter_state(self.wb.llm, states["llm"])
+            top = public_topk(self.wb.llm, self.wb.aux_data, self.mkt.top_k, len(self.wb.tokenizer),
+                              self.mkt.batch_size)
+            self._llm_view = (states["llm"], top)
+        return self._llm_view[1]
+
+    def initial_states(self, clients: list[str]) -> States:
+        slm = {"slm": self.wb.slm_init} if self.mkt.share_adapters else {c: self.wb.slm_init for c in clients}
+        return {"llm": self.wb.llm_init} | slm
+
+    def client_task(self, states: States, client: str) -> AdapterState | None:
+        adapter = states["slm" if self.mkt.share_adapters else client]
+        if states["llm"] is self.wb.llm_init:  # first round: the LLM has learned nothing from the clients yet
+            return adapter
+        return adapter | to_tensors(self._llm_topk(states))
+
+    @classmethod
+    def client_fit(cls, res: ClientResources, task: Payload, round_idx: int) -> Payload:
+        cfg = res.cfg
+        mkt, fed = cfg.fedmkt, cfg.federation
+        seed = unit_seed(cfg.run.seed, round_idx, res.index)
+        load_adapter_state(res.slm, adapter_part(task.tensors))
+        if mkt.slm_epochs and any(k.startswith(PREFIX) for k in task.tensors):
+            llm_public = encoded_as(res.public, res.tokenizer, res.llm_tokenizer, cfg.model.max_length)
+            llm_top = covering(from_tensors(task.tensors, "server", len(res.llm_tokenizer), mkt.top_k), llm_public,
+                               "server")
+            own = public_topk(res.slm, res.public, mkt.top_k, len(res.tokenizer), mkt.batch_size)
+            steps, info = distil_from(res.slm, res.tokenizer, res.public, own, [(llm_top, llm_public,
+                                                                                 res.llm_tokenizer)],
+                                      mkt, mkt.slm_epochs, mkt.slm_lr, seed, f"{res.name} FedMKT distil")
+            log.debug("%s round %d: distilled on %.0f%% of D^a, loss %.4f", res.name, round_idx,
+                      100 * info["distilled_fraction"], steps.mean_loss)
+        theta, n, _ = client_update(res.slm, adapter_state(res.slm), res.data, fed.local_epochs, fed.client_lr,
+                                    fed.batch_size, seed)
+        top = public_topk(res.slm, res.public, mkt.top_k, len(res.tokenizer), mkt.batch_size)
+        return Payload(theta | to_tensors(top), n)
+
+    def check_reply(self, task: Payload, reply: Payload, client: str) -> tuple[AdapterState, int]:
+        """The adapter as any adapter upload (shape, finite, robustness policy), plus a top-k that covers D^a
+        with ids in the client's vocabulary."""
+        public, tokenizer = self._client_public(client)
+        top = covering(from_tensors(reply.tensors, client, len(tokenizer), self.mkt.top_k), public, client)
+        theta, n = super().check_reply(Payload(adapter_part(task.tensors)),
+                                       Payload(adapter_part(reply.tensors), reply.num_examples), client)
+        return theta | to_tensors(top), n
+
+    def aggregate(self, states: States, updates: Updates, r: int) -> States:
+        self._uploads = {c: from_tensors(t, c, len(self._client_public(c)[1])) for c, (t, _) in updates.items()}
+        adapters = {c: (adapter_part(t), n) for c, (t, n) in updates.items()}
+        if self.mkt.share_adapters:
+            return states | {"slm": fedavg(list(adapters.values()))}
+        return states | {c: theta for c, (theta, _) in adapters.items()}  # a rejected client keeps its adapter
+
+    def server_update(self, states: States, r: int) -> tuple[States, dict, dict]:
+        uploads, self._uploads = self._uploads, {}
+        if not uploads:
+            log.warning("round %d: no client top-k was accepted; the LLM is not distilled", r)
+            return states, {}, {}
+        wb, mkt = self.wb, self.mkt
+        own = self._llm_topk(states)
+        load_adapter_state(wb.llm, states["llm"])
+        senders = [(uploads[c], *self._client_public(c)) for c in sorted(uploads)]
+        steps, info = distil_from(wb.llm, wb.tokenizer, wb.aux_data, own, senders, mkt, mkt.llm_epochs, mkt.llm_lr,
+                                  unit_seed(wb.cfg.run.seed, r, -1), f"FedMKT LLM distil r{r}")
+        states = states | {"llm": adapter_state(wb.llm)}
+        t0 = time.perf_counter()
+        self._llm_topk(states)  # what the next round's tasks carry
+        return (states, info | {"teachers": len(senders), "kd_first": steps.losses[0], "kd_last": steps.losses[-1]},
+                {"server_kd_s": steps.seconds, "server_topk_s": time.perf_counter() - t0})
+
+    def evaluate(self, states: States, limit: int | None, r: int) -> dict:
+        if self.mkt.share_adapters:
+            return super().evaluate(states, limit, r)
+        clients = {c: s for c, s in states.items() if c != "llm"}
+        return ({"llm": evaluate_state(self.wb, "llm", states["llm"], limit, f"{self.name} r{r} LLM")}
+                | evaluate_clients(self.wb, clients, limit, r, self.name))

@@ -1,0 +1,201 @@
+"""FedMKT as a method object: target alignment and selection (pure), the client and server hooks on tiny models,
+per-client rejection of a malformed top-k, and whole in-process runs with their byte counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedcollm.algorithms.training import public_topk
+from fedcollm.alignment.exchange import FIELDS, PREFIX, from_tensors, to_tensors
+from fedcollm.alignment.sequence import SparseTargets
+from fedcollm.alignment.transfer import answer_rows, collate_targets, select_targets
+from fedcollm.comm import Payload, pack, states_equal, unpack
+from fedcollm.config import Config
+from fedcollm.engines.inprocess import InProcessTransport, SimulatedClient, run_method
+from fedcollm.errors import ConfigError
+from fedcollm.methods.fedmkt import FedMKT, adapter_part, covering, transfer_targets
+from fedcollm.models.lora import load_adapter_state
+from fedcollm.runs import RunDir
+
+K = 8
+MKT = {"top_k": K, "llm_lr": 1e-2, "slm_lr": 1e-2, "batch_size": 4}
+
+
+@pytest.fixture
+def wb(make_workbench, tmp_path):
+    return make_workbench(str(tmp_path), fedmkt=MKT, run={"methods": ["fedmkt"]})
+
+
+def _topk_of(tensors, wb):
+    return covering(from_tensors(tensors, "test", len(wb.tokenizer), K), wb.aux_data, "test")
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------------------
+
+def test_answer_rows_follow_exact_one_to_one_pairs_across_tokenizations():
+    strings = ["Q", ":", " the", " cat", " c", "at"]
+    src = ([0, 1, 2, 3], 2)  # answer " the cat" as two tokens
+    dst = ([0, 1, 2, 4, 5], 3)  # the same text with " cat" split in two
+    assert answer_rows(src, dst, strings, strings).tolist() == [0, -1, -1]
+    assert answer_rows(src, src, strings, strings).tolist() == [0, 1]
+
+
+def _sparse(ids: list[list[int]], probs: list[list[float]]) -> SparseTargets:
+    return SparseTargets(torch.tensor(ids), torch.tensor(probs), torch.ones(len(ids), dtype=torch.bool))
+
+
+def test_selection_strategies_pick_by_ce():
+    own = [_sparse([[1, 2]], [[0.5, 0.5]]), _sparse([[3, 4]], [[0.5, 0.5]])]
+    teacher = [_sparse([[5, 6]], [[0.9, 0.1]]), _sparse([[7, 8]], [[0.9, 0.1]])]
+    own_ce, teacher_ce = torch.tensor([1.0, 1.0]), torch.tensor([[0.5, 1.0]])  # teacher better on e0, tied on e1
+
+    dual = select_targets("dual_min_ce", own_ce, own, teacher_ce, [teacher])
+    assert dual[0][0].tolist() == [[5, 6]] and dual[1] is None  # a tie keeps nothing
+    greater = select_targets("greater", own_ce, own, teacher_ce, [teacher])
+    assert greater[0][0].tolist() == [[5, 6]] and greater[1][0].tolist() == [[3, 4]]  # a tie goes to the learner
+    mixed = select_targets("weighted_mean", own_ce, own, teacher_ce, [teacher])
+    assert mixed[0][0].tolist() == [[1, 2, 5, 6]]
+    w = torch.softmax(torch.exp(-torch.tensor([1.0, 0.5])), 0)
+    assert torch.allclose(mixed[0][1], torch.tensor([[0.5 * w[0], 0.5 * w[0], 0.9 * w[1], 0.1 * w[1]]]))
+    assert torch.allclose(mixed[1][1].sum(-1), torch.ones(1))
+
+
+def test_collated_targets_sit_on_the_right_aligned_answer_rows():
+    ids, probs, mask = collate_targets([(torch.tensor([[4]]), torch.tensor([[1.0]])), None], keep=3)
+    assert ids.shape == (2, 3, 1) and ids[0, 2, 0] == 4 and probs[0, 2, 0] == 1.0
+    assert mask.tolist() == [[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+
+
+def test_one_tokenizer_maps_the_topk_onto_itself(wb):
+    top = public_topk(wb.slm, wb.aux_data, K, len(wb.tokenizer), 4)
+    targets = transfer_targets((top, wb.aux_data, wb.tokenizer), wb.aux_data, wb.tokenizer, 1.0)
+    assert len(targets) == len(wb.aux_data)
+    for e, t in enumerate(targets):
+        values, ids = top.example(e)
+        assert t.aligned.all()
+        assert torch.equal(t.ids, ids.long())
+        assert torch.allclose(t.probs, torch.softmax(values.float(), -1))
+
+
+def test_public_topk_is_the_models_top_logits_and_ce(wb):
+    from fedcollm.data.batching import answer_logits, collate
+
+    top = public_topk(wb.slm, wb.aux_data, K, len(wb.tokenizer), 3)
+    ids, n = wb.aux_data.encoded[5]
+    batch = collate([(ids, n)], wb.aux_data.pad_id)
+    with torch.no_grad():
+        logits = answer_logits(wb.slm, batch)[0, -n:, :len(wb.tokenizer)]
+    values, got = top.example(5)
+    assert torch.equal(got.long(), logits.topk(K).indices)
+    assert torch.allclose(values.float(), logits.topk(K).values, atol=1e-2)
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(answer_logits(wb.slm, batch)[0, -n:], torch.tensor(ids[-n:]))
+    assert abs(float(top.ce[5]) - float(ce)) < 1e-4
+
+
+# ---- hooks ----------------------------------------------------------------------------------------------------
+
+def test_client_fit_uploads_its_adapter_and_a_topk_covering_the_public_set(wb):
+    res = SimulatedClient(wb, 0).resources
+    reply = unpack(pack(FedMKT.client_fit(res, Payload(wb.slm_init), 1)))
+    assert reply.num_examples == len(wb.client_data[0])
+    assert set(adapter_part(reply.tensors)) == set(wb.slm_init)
+    assert {k for k in reply.tensors if k.startswith(PREFIX)} == {PREFIX + f for f in FIELDS}
+    top = _topk_of(reply.tensors, wb)
+    assert top.values.dtype == torch.float16 and top.ids.dtype == torch.int32
+    load_adapter_state(wb.slm, adapter_part(reply.tensors))  # the top-k is the fine-tuned SLM's
+    again = public_topk(wb.slm, wb.aux_data, K, len(wb.tokenizer), 4)
+    assert torch.equal(again.ids, top.ids) and torch.equal(again.ce, top.ce)
+
+    # with the LLM's top-k in the task the client distils first, so it ends elsewhere than by SFT alone
+    llm_top = public_topk(wb.llm, wb.aux_data, K, len(wb.tokenizer), 4)
+    distilled = FedMKT.client_fit(res, Payload(wb.slm_init | to_tensors(llm_top)), 1)
+    assert not states_equal(adapter_part(distilled.tensors), adapter_part(reply.tensors))
+
+
+def _round_one(wb, method: FedMKT):
+    names = [f"client_{k}" for k in range(3)]
+    states = method.initial_states(names)
+    tasks = {c: Payload(method.client_task(states, c)) for c in names}
+    assert all(set(t.tensors) == set(wb.slm_init) for t in tasks.values())  # round 1 carries no LLM top-k
+    replies = {c: unpack(pack(FedMKT.client_fit(SimulatedClient(wb, k).resources, tasks[c], 1)))
+               for k, c in enumerate(names)}
+    accepted = {c: method.check_reply(tasks[c], replies[c], c) for c in names}
+    return states, method.aggregate(states, accepted, 1), replies
+
+
+def test_server_distils_the_llm_with_dual_min_ce_and_sends_its_topk(wb):
+    method = FedMKT(wb)
+    before, states, replies = _round_one(wb, method)
+    assert all(states_equal(states[c], adapter_part(replies[c].tensors)) for c in replies)  # each keeps its own
+    llm_ce = public_topk(wb.llm, wb.aux_data, K, len(wb.tokenizer), 4).ce  # the LLM's own, before distillation
+    best_client_ce = torch.stack([_topk_of(r.tensors, wb).ce for r in replies.values()]).min(0).values
+
+    states, info, timing = method.server_update(states, 1)
+    assert info["teachers"] == 3 and info["aligned_fraction"] == 1.0
+    assert info["distilled_fraction"] == pytest.approx(float((best_client_ce < llm_ce).float().mean()))
+    assert not states_equal(states["llm"], before["llm"]) and timing["server_kd_s"] > 0
+
+    task = method.client_task(states, "client_1")
+    assert states_equal(adapter_part(task), states["client_1"])
+    sent = _topk_of(task, wb)
+    load_adapter_state(wb.llm, states["llm"])
+    assert torch.equal(sent.ids, public_topk(wb.llm, wb.aux_data, K, len(wb.tokenizer), 4).ids)
+
+
+def test_shared_adapters_are_averaged(make_workbench, tmp_path):
+    from fedcollm.aggregate import fedavg
+
+    wb = make_workbench(str(tmp_path), fedmkt=MKT | {"share_adapters": True}, run={"methods": ["fedmkt"]})
+    _, states, replies = _round_one(wb, FedMKT(wb))
+    assert set(states) == {"llm", "slm"}
+    expected = fedavg([(adapter_part(r.tensors), r.num_examples) for r in replies.values()])
+    assert states_equal(states["slm"], expected)
+
+
+# ---- engine ---------------------------------------------------------------------------------------------------
+
+class OutOfVocabClient(SimulatedClient):
+    """Uploads top-k ids past its vocabulary."""
+
+    def fit(self, blob, round_idx, method):
+        payload = unpack(super().fit(blob, round_idx, method))
+        payload.tensors[PREFIX + "ids"][0, 0] = 10**6
+        return pack(payload)
+
+
+def test_a_malformed_topk_is_rejected_naming_its_client_and_the_round_goes_on(make_workbench, tmp_path, caplog):
+    wb = make_workbench(str(tmp_path), fedmkt=MKT, run={"methods": ["fedmkt"]}, federation={"rounds": 1})
+    clients = [SimulatedClient(wb, 0), OutOfVocabClient(wb, 1), SimulatedClient(wb, 2)]
+    with caplog.at_level("WARNING"):
+        run_method(wb, "fedmkt", RunDir(tmp_path), InProcessTransport(clients))
+    [record] = RunDir(tmp_path).read_metrics("fedmkt")
+    assert record["rejected"] == 1 and record["accepted"] == 2 and record["teachers"] == 2
+    assert "top-k from client_1: field topk.ids has ids outside" in caplog.text
+    states = RunDir(tmp_path).load_round("fedmkt", 1, {c: wb.slm_init for c in ("client_0", "client_1")})
+    assert states_equal(states["client_1"], wb.slm_init)  # the rejected client keeps its adapter
+    assert not states_equal(states["client_0"], wb.slm_init)
+
+
+def test_two_rounds_in_process_count_adapters_and_logits_both_ways(wb, tmp_path):
+    final = run_method(wb, "fedmkt", RunDir(tmp_path))
+    r1, r2 = RunDir(tmp_path).read_metrics("fedmkt")
+    adapter = len(pack(Payload(wb.slm_init)))
+    answer_tokens = sum(n for _, n in wb.aux_data.encoded)
+    logits = 6 * K * answer_tokens  # fp16 value + int32 id per kept logit
+    assert r1["bytes_down"] == 3 * adapter  # round 1: the adapters only
+    assert r2["bytes_down"] > 3 * (adapter + logits)  # then the LLM's top-k too
+    assert r1["bytes_up"] > 3 * (adapter + logits) and r2["bytes_up"] > 3 * (adapter + logits)
+    assert r2["teachers"] == 3 and "kd_last" in r2
+    assert set(final) == {"llm", "slm", "slm_clients"} and len(final["slm_clients"]) == 3
+    assert final["llm"]["arc_easy"]["n"] == 6
+
+
+def test_fedmkt_refuses_secagg_and_dp():
+    with pytest.raises(ConfigError, match="secagg.enabled"):
+        Config.from_dict({"run": {"methods": ["fedmkt"]}, "secagg": {"enabled": True}})
+    with pytest.raises(ConfigError, match="dp.noise_multiplier"):
+        Config.from_dict({"run": {"methods": ["fedmkt"]}, "dp": {"noise_multiplier": 1.0}})
+    with pytest.raises(ConfigError, match="fedmkt.selection"):
+        Config.from_dict({"fedmkt": {"selection": "best"}})
