@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("flwr")
 
@@ -98,3 +99,28 @@ def test_clientapp_worker_names_a_missing_certificate(tmp_path):
 
     with pytest.raises(ConfigError, match="nope.crt"):
         dispatch(["clientapp-worker", "--root-certificates", str(tmp_path / "nope.crt")])
+
+
+def test_client_runs_the_method_the_server_names(model_dirs, data_dir, make_workbench):
+    """A train message whose meta names fedmkt runs FedMKT's client hook: the reply holds the adapter and a top-k
+    on the public set, equal to the in-process client's."""
+    from conftest import tiny_config
+
+    from fedcollm.alignment.exchange import from_tensors
+    from fedcollm.comm import pack, unpack
+    from fedcollm.engines.inprocess import SimulatedClient
+
+    mkt = {"top_k": 4, "batch_size": 4}
+    cfg = tiny_config(data_dir, str(model_dirs / "run"), model={"llm": str(model_dirs / "llm"),
+                                                                 "slm": str(model_dirs / "slm")},
+                      run={"methods": ["fedmkt"]}, fedmkt=mkt).to_dict()
+    context = _context({"partition-id": 2, "num-partitions": 3})
+    _ask(client_app.setup, RecordDict({"setup": ConfigRecord({"config": json.dumps(cfg)})}), context, "query")
+    wb = make_workbench(str(model_dirs / "run"), run={"methods": ["fedmkt"]}, fedmkt=mkt)
+    reply = _ask(client_app.train, to_record(Payload(wb.slm_init), round=1, method="fedmkt"), context, "train")
+    ours = from_record(reply.content, "client_2")
+    theirs = unpack(SimulatedClient(wb, 2).fit(pack(Payload(wb.slm_init)), 1, "fedmkt"))
+    assert ours.tensors.keys() == theirs.tensors.keys()
+    top = from_tensors(ours.tensors, "client_2", len(wb.tokenizer), 4)
+    assert top.example_ids.tolist() == list(range(len(wb.aux_data)))
+    assert torch.equal(top.ids, from_tensors(theirs.tensors, "in-process", len(wb.tokenizer), 4).ids)
