@@ -179,7 +179,11 @@ def test_a_malformed_topk_is_rejected_naming_its_client_and_the_round_goes_on(ma
 
 
 def test_two_rounds_in_process_count_adapters_and_logits_both_ways(wb, tmp_path):
-    final = run_method(wb, "fedmkt", RunDir(tmp_path))
+    from fedcollm.report import build_results
+
+    run = RunDir(tmp_path)
+    run.write_config(wb.cfg.to_json())
+    final = run_method(wb, "fedmkt", run)
     r1, r2 = RunDir(tmp_path).read_metrics("fedmkt")
     adapter = len(pack(Payload(wb.slm_init)))
     answer_tokens = sum(n for _, n in wb.aux_data.encoded)
@@ -190,6 +194,9 @@ def test_two_rounds_in_process_count_adapters_and_logits_both_ways(wb, tmp_path)
     assert r2["teachers"] == 3 and "kd_last" in r2
     assert set(final) == {"llm", "slm", "slm_clients"} and len(final["slm_clients"]) == 3
     assert final["llm"]["arc_easy"]["n"] == 6
+    results = build_results(run, {}, {})
+    assert results["llm"]["fedmkt"] == {"arc_easy": final["llm"]["arc_easy"]["acc"]}
+    assert results["slm"]["fedmkt"] == {"arc_easy": final["slm"]["arc_easy"]["acc"]}
 
 
 def test_fedmkt_refuses_secagg_and_dp():

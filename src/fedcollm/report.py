@@ -14,10 +14,10 @@ from fedcollm.fileio import (
 )
 from fedcollm.runs import RunDir
 
-LLM_ROWS = ("zero_shot", "centralized", "fedcollm")
-SLM_ROWS = ("zero_shot", "standalone", "fedavg", "fedcollm")
+LLM_ROWS = ("zero_shot", "centralized", "fedcollm", "fedmkt")
+SLM_ROWS = ("zero_shot", "standalone", "fedavg", "fedcollm", "fedmkt")
 NAMES = {"zero_shot": "Zero-Shot", "standalone": "Standalone", "fedavg": "FedAvg", "centralized": "Centralized",
-         "fedcollm": "FedCoLLM"}
+         "fedcollm": "FedCoLLM", "fedmkt": "FedMKT"}
 TIMING_KEYS = ("round_s", "client_train_s", "aggregate_s", "server_kd_s", "eval_s", "checkpoint_s", "kd_step_s")
 
 
@@ -157,7 +157,7 @@ def plot_rounds(run: RunDir, results: dict, path: Path) -> None:
         start = _curve_points([{"round": 0, "eval": zero_shot}], which, tasks)
         for n, pts in start.items():
             ax.axhline(pts[0][1], ls="--", color="gray", label=f"Zero-Shot (N={n})")
-        for method in ("fedcollm", "fedavg", "centralized", "standalone"):
+        for method in ("fedcollm", "fedmkt", "fedavg", "centralized", "standalone"):
             for n, pts in _curve_points(run.read_metrics(method), which, tasks).items():
                 pts = start.get(n, []) + pts  # round 0 = the untrained model, on the same items
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{NAMES[method]} (N={n})")
