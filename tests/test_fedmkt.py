@@ -78,6 +78,32 @@ def test_one_tokenizer_maps_the_topk_onto_itself(wb):
         assert torch.allclose(t.probs, torch.softmax(values.float(), -1))
 
 
+def test_two_tokenizers_align_through_the_vocabulary_map(wb, tmp_path):
+    """A sender whose top logit is always its gold next token: on the receiver's answer rows the top target is the
+    receiver's gold next token, taken from the sender where the tokens align 1:1 and one-hot where they do not."""
+    from fedcollm.alignment.exchange import TopK
+    from fedcollm.data.batching import SFTData
+    from fedcollm.models.tiny import tiny_tokenizer
+
+    examples = wb.split.aux
+    coarse = tiny_tokenizer([ex.context + ex.continuations[ex.answer] for ex in examples], vocab=300)
+    src, dst = SFTData(examples, coarse, 64), wb.aux_data
+    values, ids = [], []
+    for token_ids, n in src.encoded:
+        gold = torch.tensor(token_ids[len(token_ids) - n:])
+        ids.append(torch.stack([gold, (gold + 1) % len(coarse), (gold + 2) % len(coarse)], -1).to(torch.int32))
+        values.append(torch.tensor([[3.0, 2.0, 1.0]] * n, dtype=torch.float16))
+    top = TopK.from_examples(values, ids, torch.ones(len(examples)), torch.arange(len(examples)))
+    targets = transfer_targets((top, src, coarse), dst, wb.tokenizer, 1.0)
+    aligned = torch.cat([t.aligned for t in targets])
+    assert 0 < float(aligned.float().mean()) < 1  # the tokenizations differ, and share some answer tokens
+    for t, (token_ids, n) in zip(targets, dst.encoded):
+        assert t.ids[:, 0].tolist() == token_ids[len(token_ids) - n:]
+        p = torch.softmax(torch.tensor([3.0, 2.0, 1.0]), -1)
+        assert torch.allclose(t.probs[t.aligned], p.expand(int(t.aligned.sum()), 3))
+        assert (t.probs[~t.aligned][:, 0] == 1).all()
+
+
 def test_public_topk_is_the_models_top_logits_and_ce(wb):
     from fedcollm.data.batching import answer_logits, collate
 
