@@ -158,14 +158,17 @@ class LoopbackFederation:
         except (RuntimeError, subprocess.TimeoutExpired) as err:
             return str(err)
 
-    def wait(self, run_id: int, timeout: float) -> str:
-        """Block until the run finishes; returns its status (e.g. finished:completed), raising on a time-out."""
+    def wait(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
+        """Block until the run finishes; returns its status (e.g. finished:completed), raising on a time-out.
+
+        Each poll is a `flwr ls` process (about a second of CPU to import flwr): a benchmark polls rarely so
+        that the harness does not take CPU from the run it times."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.status(run_id)
             if status.startswith("finished"):
                 return status
-            time.sleep(2)
+            time.sleep(poll)
         raise TimeoutError(f"run {run_id} still {self.status(run_id)!r} after {timeout:.0f} s")
 
     # ---- helpers ------------------------------------------------------------------------------------------------
