@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 from fedcollm.errors import ConfigError
 
@@ -146,6 +146,8 @@ class ModelConfig:
     """Server LLM f: registry name, local HF dir, .gguf file, or hub id."""
     slm: str = "derived:smollm2-135m:10"
     """Client SLM g: as `llm`, or `derived:BASE:N` for an N-layer SLM derived from registry model BASE."""
+    client_slms: list[str] = field(default_factory=list)
+    """One SLM per client (entry k is client k's, each named as `slm`), so clients may differ in model family and tokenizer (FedMKT, Standalone); empty = every client runs `slm`."""
     dtype: str = "auto"
     """Compute dtype of the frozen base weights: auto (bf16 where the hardware has it), bf16, fp16, fp32."""
     device: str = "auto"
@@ -153,10 +155,13 @@ class ModelConfig:
     max_length: int = 128
     """Longest tokenized training/eval sequence; longer prompts are cut from the left."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    repeats: ClassVar[frozenset[str]] = frozenset({"client_slms"})  # list fields that may name an item twice
 
     def __post_init__(self) -> None:
         parse_derived_spec(self.llm, "model.llm")
         parse_derived_spec(self.slm, "model.slm")
+        for k, spec in enumerate(self.client_slms):
+            parse_derived_spec(spec, f"model.client_slms[{k}]")
         _check(self.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", "auto, bf16, fp16 or fp32")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "model.device",
                f"auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -425,10 +430,26 @@ class Config:
                    "logits, which cannot be summed: drop fedmkt from run.methods or turn SecAgg+ off")
             _check(self.dp.noise_multiplier == 0, "dp.noise_multiplier", "DP here noises the shared adapter, but "
                    "FedMKT uploads top-k logits that it would not cover: drop fedmkt from run.methods or set it to 0")
+        slms = self.model.client_slms
+        _check(not slms or len(slms) == self.federation.clients, "model.client_slms",
+               f"lists {len(slms)} SLMs for federation.clients = {self.federation.clients}: give one per client, "
+               f"or none (every client runs model.slm)")
+        averaged = [m for m in ("fedavg", "fedcollm") if m in self.run.methods]
+        if "fedmkt" in self.run.methods and self.fedmkt.share_adapters:
+            averaged.append("fedmkt with fedmkt.share_adapters")
+        others = sorted(set(slms) - {self.model.slm})
+        _check(not (averaged and others), "model.client_slms",
+               f"{', '.join(averaged)} average one SLM adapter, so every client must run model.slm = "
+               f"{self.model.slm!r}, but it also names {', '.join(map(repr, others))}: leave model.client_slms empty "
+               f"or drop those methods")
         for name in self.data.tasks:
             _check(known[name].train_split is not None, "data.tasks",
                    f"task {name!r} has no train split (evaluation-only): set tasks.{name}.train_split or move it "
                    f"to data.eval_tasks")
+
+    def client_models(self) -> list[str]:
+        """The SLM each client runs, by client index: model.client_slms, or model.slm for every client."""
+        return self.model.client_slms or [self.model.slm] * self.federation.clients
 
     def task_specs(self, names: list[str] | None = None) -> dict[str, TaskConfig]:
         """The spec of each named task (default: trained + evaluation-only tasks); user tables win over presets."""
@@ -506,26 +527,29 @@ def _build(cls, data: Any, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
                           f"known: {', '.join(sorted(known))}")
-    kwargs = {f.name: _coerce(data[f.name], hints[f.name], f"{where}.{f.name}") for f in fields(cls) if f.name in data}
+    repeats = getattr(cls, "repeats", frozenset())
+    kwargs = {f.name: _coerce(data[f.name], hints[f.name], f"{where}.{f.name}", f.name not in repeats)
+              for f in fields(cls) if f.name in data}
     return cls(**kwargs)
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against the field's type: finite floats, non-empty strings, lists without duplicates."""
+def _coerce(value: Any, hint: Any, where: str, unique: bool = True) -> Any:
+    """Check `value` against the field's type: finite floats, non-empty strings, lists without duplicates (unless
+    the class lists the field in `repeats`, as one model per client does)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), where)
+        return _coerce(value, next(a for a in args if a is not type(None)), where, unique)
     if origin is dict:
         _check(isinstance(value, dict), where, f"expected a table of NAME = {{...}}, got {value!r}")
         return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, list), where, f"expected a list, got {value!r}")
         items = [_coerce(v, args[0], where) for v in value]
-        dupes = sorted({repr(v) for v in items if items.count(v) > 1})
+        dupes = sorted({repr(v) for v in items if items.count(v) > 1}) if unique else []
         _check(not dupes, where, f"lists {', '.join(dupes)} more than once")
         return items
     if hint is float and isinstance(value, int) and not isinstance(value, bool):

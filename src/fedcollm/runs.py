@@ -101,14 +101,15 @@ class RunDir:
         return done[-1] if done else 0
 
     def save_round(self, method: str, r: int, states: dict[str, AdapterState], models: dict[str, object]) -> None:
-        """Write each adapter in peft format (loadable with PeftModel.from_pretrained); not yet marked done."""
+        """Write each adapter in peft format (loadable with PeftModel.from_pretrained) through the model of the same
+        name in `models`; not yet marked done."""
         target = self.round_dir(method, r)
         if (target / "done.json").exists():
             raise RunDirError(f"{target}: round {r} is already complete; refusing to overwrite it")
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         for name, state in states.items():
-            model = models[name.split("_")[0]]  # "client_2" is saved through the SLM
+            model = models[name]
             load_adapter_state(model, state)
             model.save_pretrained(tmp / name)
         shutil.rmtree(target, ignore_errors=True)  # a half-written round left by a crash

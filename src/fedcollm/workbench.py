@@ -1,4 +1,5 @@
-"""Everything a run needs in memory once: tokenizer, LoRA-wrapped LLM and SLM, data shards and eval sets.
+"""Everything a run needs in memory once: the LoRA-wrapped LLM and SLM(s) with their own tokenizers, data shards
+and eval sets.
 
 Methods share one workbench and each starts from the same seeded LoRA initialisation, so every row of the
 results table runs the same code on the same models and data.
@@ -32,39 +33,80 @@ def load_data(cfg: Config) -> tuple[FederatedSplit, dict[str, list[MCExample]]]:
 
 
 @dataclass
+class LoadedModel:
+    """One model as a run holds it: LoRA-wrapped, with its own tokenizer, initial adapter and D^a in its tokens."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    init: AdapterState
+    public: SFTData
+
+
+@dataclass
 class Workbench:
     cfg: Config
-    tokenizer: object
+    tokenizer: object  # the LLM's
     llm: torch.nn.Module  # peft-wrapped f
-    slm: torch.nn.Module  # peft-wrapped g
     split: FederatedSplit
-    client_data: list[SFTData]
-    aux_data: SFTData
+    client_data: list[SFTData]  # each shard in its client's tokenizer
+    aux_data: SFTData  # D^a in the LLM's tokenizer
     eval_sets: dict[str, list[MCExample]]
     llm_init: AdapterState
-    slm_init: AdapterState
+    slms: dict[str, LoadedModel]  # by model spec: model.slm and every model.client_slms entry, each loaded once
     llm_name: str = ""
     slm_name: str = ""
 
+    @property
+    def slm(self) -> torch.nn.Module:
+        """model.slm (peft-wrapped g): the SLM that shared-adapter methods train and the SLM row scores."""
+        return self.slms[self.cfg.model.slm].model
+
+    @property
+    def slm_init(self) -> AdapterState:
+        return self.slms[self.cfg.model.slm].init
+
+    def held(self, which: str) -> LoadedModel:
+        """The model behind a state name: "llm", "slm" (model.slm) or "client_K" (client K's SLM)."""
+        if which == "llm":
+            return LoadedModel(self.llm_name, self.llm, self.tokenizer, self.llm_init, self.aux_data)
+        if which == "slm":
+            return self.slms[self.cfg.model.slm]
+        return self.slms[self.cfg.client_models()[int(which.removeprefix("client_"))]]
+
     @classmethod
     def from_models(cls, cfg: Config, llm, slm, tokenizer, llm_name: str = "", slm_name: str = "",
-                    data: tuple[FederatedSplit, dict[str, list[MCExample]]] | None = None) -> "Workbench":
-        if llm.config.vocab_size != slm.config.vocab_size:
-            raise ModelError(f"FedCoLLM needs one vocabulary: LLM has {llm.config.vocab_size} tokens, "
-                             f"SLM {slm.config.vocab_size}")
+                    data: tuple[FederatedSplit, dict[str, list[MCExample]]] | None = None, slm_tokenizer=None,
+                    client_slms: dict[str, tuple[torch.nn.Module, object]] | None = None) -> "Workbench":
+        """`slm` is model.slm (with `slm_tokenizer`, default the LLM's `tokenizer`); `client_slms` holds the model
+        and tokenizer of every other name in model.client_slms. A model that uses the LLM's tokenizer object
+        shares its encoding of D^a."""
         seed = cfg.run.seed
         split, eval_sets = data or load_data(cfg)
         llm = add_lora(llm, cfg.model.lora, seed)
-        slm = add_lora(slm, cfg.model.lora, seed + 1)
         max_len = cfg.model.max_length
-        return cls(cfg=cfg, tokenizer=tokenizer, llm=llm, slm=slm, split=split,
-                   client_data=[SFTData(shard, tokenizer, max_len) for shard in split.clients],
-                   aux_data=SFTData(split.aux, tokenizer, max_len), eval_sets=eval_sets,
-                   llm_init=adapter_state(llm), slm_init=adapter_state(slm), llm_name=llm_name, slm_name=slm_name)
+        aux_data = SFTData(split.aux, tokenizer, max_len)
+
+        def held(name: str, model, tok) -> LoadedModel:
+            model = add_lora(model, cfg.model.lora, seed + 1)
+            public = aux_data if tok is tokenizer else SFTData(split.aux, tok, max_len)
+            return LoadedModel(name, model, tok, adapter_state(model), public)
+
+        loaded = dict(client_slms or {})
+        loaded[cfg.model.slm] = (slm, slm_tokenizer or tokenizer)
+        missing = sorted(set(cfg.client_models()) - set(loaded))
+        if missing:
+            raise ModelError(f"model.client_slms names {', '.join(missing)}, but no such model was loaded")
+        slms = {name: held(name, model, tok) for name, (model, tok) in loaded.items()}
+        tokenizers = [slms[name].tokenizer for name in cfg.client_models()]
+        return cls(cfg=cfg, tokenizer=tokenizer, llm=llm, split=split,
+                   client_data=[SFTData(shard, tok, max_len) for shard, tok in zip(split.clients, tokenizers)],
+                   aux_data=aux_data, eval_sets=eval_sets, llm_init=adapter_state(llm), slms=slms,
+                   llm_name=llm_name, slm_name=slm_name)
 
     @classmethod
     def build(cls, cfg: Config) -> "Workbench":
-        """Load the configured real models (converting / deriving them on first use)."""
+        """Load the configured real models (converting / deriving them on first use), each distinct one once."""
         from fedcollm.models.derive import resolve_model_dir
         from fedcollm.models.loading import (
             load_model,
@@ -77,12 +119,17 @@ class Workbench:
         device = resolve_device(cfg.model.device)
         dtype = resolve_dtype(cfg.model.dtype, device)
         llm_dir = resolve_model_dir(cfg.model.llm, cfg.derive, cfg.data.data_dir)
-        slm_dir = resolve_model_dir(cfg.model.slm, cfg.derive, cfg.data.data_dir)
         tokenizer = load_tokenizer(llm_dir)
-        slm_tokenizer = load_tokenizer(slm_dir)
-        if tokenizer.get_vocab() != slm_tokenizer.get_vocab():
-            raise ModelError(f"LLM {cfg.model.llm} and SLM {cfg.model.slm} use different tokenizers; FedCoLLM needs "
-                             f"one vocabulary (cross-tokenizer transfer is FedMKT's job)")
-        log.info("loading LLM %s and SLM %s as %s on %s", cfg.model.llm, cfg.model.slm, dtype, device)
-        return cls.from_models(cfg, load_model(llm_dir, dtype, device), load_model(slm_dir, dtype, device), tokenizer,
-                               llm_name=cfg.model.llm, slm_name=cfg.model.slm, data=data)
+
+        def load(name: str) -> tuple[torch.nn.Module, object]:
+            path = resolve_model_dir(name, cfg.derive, cfg.data.data_dir)
+            tok = load_tokenizer(path)
+            log.info("loading SLM %s as %s on %s", name, dtype, device)
+            # one vocabulary as the LLM's: one tokenizer, so D^a is encoded once and FedCoLLM's check passes
+            return load_model(path, dtype, device), tokenizer if tok.get_vocab() == tokenizer.get_vocab() else tok
+
+        slm, slm_tokenizer = load(cfg.model.slm)
+        others = {name: load(name) for name in dict.fromkeys(cfg.client_models()) if name != cfg.model.slm}
+        log.info("loading LLM %s as %s on %s", cfg.model.llm, dtype, device)
+        return cls.from_models(cfg, load_model(llm_dir, dtype, device), slm, tokenizer, llm_name=cfg.model.llm,
+                               slm_name=cfg.model.slm, data=data, slm_tokenizer=slm_tokenizer, client_slms=others)

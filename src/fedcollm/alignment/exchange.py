@@ -2,8 +2,10 @@
 
 Examples have different lengths, so their per-token rows are concatenated on one token axis and `offsets`
 marks where each example starts (CSR style): example e owns rows offsets[e]:offsets[e+1]. Values travel as
-fp16 (2 bytes) and ids as int32 (4 bytes), 6 bytes per kept logit. A received set is checked field by field;
-anything off is an InvalidUpdate naming the sender and the field, so one bad peer is one rejected upload.
+fp16 (2 bytes) and ids as int32 (4 bytes), 6 bytes per kept logit. A top-k that the server has already moved
+onto a client's answer rows and into its vocabulary carries a sixth tensor, `aligned` (one byte per row), saying
+which rows have a counterpart in the sender's. A received set is checked field by field; anything off is an
+InvalidUpdate naming the sender and the field, so one bad peer is one rejected upload.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fedcollm.errors import InvalidUpdate
 PREFIX = "topk."
 FIELDS = {"values": (torch.float16, 2), "ids": (torch.int32, 2), "offsets": (torch.int64, 1),
           "ce": (torch.float32, 1), "example_ids": (torch.int64, 1)}
+ALIGNED = (torch.bool, 1)  # the optional field
 
 
 @dataclass
@@ -28,6 +31,7 @@ class TopK:
     offsets: torch.Tensor  # int64 [N_examples + 1], offsets[0] == 0, offsets[-1] == N_tokens
     ce: torch.Tensor  # float32 [N_examples], the sender's CE on each example (selection's reward)
     example_ids: torch.Tensor  # int64 [N_examples], distinct ids of the examples in the shared data
+    aligned: torch.Tensor | None = None  # bool [N_tokens] on a realigned top-k (False rows: zeros); None: all rows
 
     @classmethod
     def from_examples(cls, values: list[torch.Tensor], ids: list[torch.Tensor], ce: torch.Tensor,
@@ -62,7 +66,8 @@ def topk_of(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def to_tensors(topk: TopK) -> dict[str, torch.Tensor]:
     """The named tensors of a payload (keys 'topk.<field>'); they can share a payload with other tensors."""
-    return {PREFIX + name: getattr(topk, name).contiguous() for name in FIELDS}
+    names = list(FIELDS) + (["aligned"] if topk.aligned is not None else [])
+    return {PREFIX + name: getattr(topk, name).contiguous() for name in names}
 
 
 def from_tensors(d: dict[str, torch.Tensor], sender: str, vocab_size: int, k: int | None = None) -> TopK:
@@ -70,7 +75,8 @@ def from_tensors(d: dict[str, torch.Tensor], sender: str, vocab_size: int, k: in
 
     Checked: every field present with its dtype and rank; values and ids of one shape [N_tokens, k >= 1];
     offsets start at 0, never decrease and end at N_tokens; one CE and one example id per example; ids in
-    [0, vocab_size); values and CEs finite, CEs >= 0; example ids >= 0 and distinct.
+    [0, vocab_size); values and CEs finite, CEs >= 0; example ids >= 0 and distinct; `aligned`, where present,
+    bool with one entry per token row.
     """
     def bad(field: str, why: str) -> InvalidUpdate:
         return InvalidUpdate(f"top-k from {sender}: field {PREFIX + field} {why}")
@@ -81,7 +87,11 @@ def from_tensors(d: dict[str, torch.Tensor], sender: str, vocab_size: int, k: in
             raise bad(name, "is missing" if t is None else f"is not a tensor ({type(t).__name__})")
         if t.dtype != dtype or t.dim() != ndim:
             raise bad(name, f"must be {dtype} of rank {ndim}, got {t.dtype} of rank {t.dim()}")
-    top = TopK(*(d[PREFIX + name] for name in FIELDS))
+    aligned = d.get(PREFIX + "aligned")
+    if aligned is not None and (not isinstance(aligned, torch.Tensor) or aligned.dtype != ALIGNED[0]
+                                or aligned.dim() != ALIGNED[1] or aligned.shape[0] != d[PREFIX + "values"].shape[0]):
+        raise bad("aligned", "must be torch.bool of rank 1 with one entry per token row")
+    top = TopK(*(d[PREFIX + name] for name in FIELDS), aligned=aligned)
     n_tok, got_k = top.values.shape
     if top.ids.shape != top.values.shape:
         raise bad("ids", f"shape {tuple(top.ids.shape)} differs from values' {tuple(top.values.shape)}")

@@ -7,6 +7,8 @@ row r of an example predicts its r-th answer token. Pure functions on token ids,
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from fedcollm.alignment.exchange import TopK
@@ -47,6 +49,41 @@ def example_targets(top: TopK, e: int, rows: torch.Tensor, id_map: torch.Tensor,
     """Example e of `top` as sparse targets on the receiver's answer rows (gold next token where unaligned)."""
     values, ids = top.example(e)
     return map_topk_to_student(values, ids, id_map, rows, gold, temperature)
+
+
+def realign(top: TopK, src: list[Encoded], dst: list[Encoded], src_strings: list[str], dst_strings: list[str],
+            id_map: torch.Tensor) -> TopK:
+    """A sender's top-k on its own answer rows, moved onto the receiver's answer rows and into its vocabulary, so
+    the receiver needs neither the sender's tokenizer nor the vocabulary map (the server does this for clients).
+
+    Row r of example e is the sender row aligned to the receiver's r-th answer token (`answer_rows`), its ids
+    through `id_map` (duplicates are left for `map_topk_to_student` to resolve, as it would have); where there is
+    none the row is zeros and `aligned` False. Values stay logits; CEs and example ids are the sender's.
+    """
+    values, ids, aligned = [], [], []
+    for e, (s_enc, d_enc) in enumerate(zip(src, dst)):
+        rows = answer_rows(s_enc, d_enc, src_strings, dst_strings)
+        hit = (rows >= 0).unsqueeze(-1)
+        v, i = top.example(e)
+        values.append(v[rows.clamp(min=0)].masked_fill(~hit, 0))
+        ids.append(id_map[i[rows.clamp(min=0)].long()].to(torch.int32).masked_fill(~hit, 0))
+        aligned.append(hit.squeeze(-1))
+    moved = TopK.from_examples(values, ids, top.ce, top.example_ids)
+    return replace(moved, aligned=torch.cat(aligned) if aligned else torch.zeros(0, dtype=torch.bool))
+
+
+def row_targets(top: TopK, dst: list[Encoded], temperature: float) -> list[SparseTargets]:
+    """A top-k on the receiver's own answer rows and vocabulary (its own, or `realign`ed) as sparse targets, one
+    per example: softmax over the distinct ids of an aligned row, one-hot on the gold next token elsewhere."""
+    identity = torch.arange(int(top.ids.max()) + 1 if top.ids.numel() else 1)
+    out = []
+    for e, (ids, n) in enumerate(dst):
+        rows = torch.arange(n)
+        if top.aligned is not None:
+            lo = int(top.offsets[e])
+            rows = rows.masked_fill(~top.aligned[lo:lo + n], -1)
+        out.append(example_targets(top, e, rows, identity, torch.tensor(ids[len(ids) - n:]), temperature))
+    return out
 
 
 def select_targets(strategy: str, own_ce: torch.Tensor, own: list[SparseTargets], teacher_ce: torch.Tensor,

@@ -51,8 +51,8 @@ class SimulatedClient:
 
     def __init__(self, wb: Workbench, k: int):
         self.wb, self.k, self.name = wb, k, f"client_{k}"
-        self.resources = ClientResources(wb.cfg, k, wb.slm, wb.tokenizer, wb.client_data[k], wb.aux_data,
-                                         wb.tokenizer)
+        held = wb.held(self.name)
+        self.resources = ClientResources(wb.cfg, k, held.model, held.tokenizer, wb.client_data[k], held.public)
 
     def fit(self, blob: bytes, round_idx: int, method: str) -> bytes:
         return pack(METHOD_CLASSES[method].client_fit(self.resources, unpack(blob, "server"), round_idx))
@@ -129,7 +129,7 @@ def run_method(wb: Workbench, name: str, run: RunDir, transport: Transport | Non
             timing["eval_s"] = time.perf_counter() - t0
             record["eval"] = last_eval
         t0 = time.perf_counter()
-        run.save_round(name, r, states, {"slm": wb.slm, "llm": wb.llm, "client": wb.slm})
+        run.save_round(name, r, states, {state: wb.held(state).model for state in states})
         timing["checkpoint_s"] = time.perf_counter() - t0
         timing["round_s"] = time.perf_counter() - t_round
         record["timing"] = timing

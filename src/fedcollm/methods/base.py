@@ -33,11 +33,12 @@ def curve_items(cfg: Config) -> int | None:
 
 
 def evaluate_state(wb: Workbench, which: str, state: AdapterState, limit: int | None, label: str) -> dict:
-    """Accuracy of the LLM or SLM under `state` on the first `limit` items (None = all), plus its curve point."""
-    model = wb.llm if which == "llm" else wb.slm
-    load_adapter_state(model, state)
+    """Accuracy of the LLM, the SLM or a client's SLM (`which`: "llm", "slm", "client_K") under `state`, with its
+    own tokenizer, on the first `limit` items (None = all), plus its curve point."""
+    held = wb.held(which)
+    load_adapter_state(held.model, state)
     sets = {t: exs[:limit] for t, exs in wb.eval_sets.items()}
-    return evaluate_tasks(model, wb.tokenizer, sets, wb.cfg.model.max_length, wb.cfg.run.eval_batch_size, label,
+    return evaluate_tasks(held.model, held.tokenizer, sets, wb.cfg.model.max_length, wb.cfg.run.eval_batch_size, label,
                           curve_items(wb.cfg))
 
 
@@ -52,7 +53,7 @@ def mean_over_clients(per_client: list[dict]) -> dict:
 
 @dataclass
 class ClientResources:
-    """What one client holds, on any engine: its SLM (LoRA-wrapped), tokenizers, private shard, public set."""
+    """What one client holds, on any engine: its SLM (LoRA-wrapped), its tokenizer, private shard, public set."""
 
     cfg: Config
     index: int
@@ -60,7 +61,6 @@ class ClientResources:
     tokenizer: object  # the SLM's
     data: SFTData  # the private shard
     public: SFTData | None = None  # the public set D^a in the SLM's tokenization; only where a method needs_public
-    llm_tokenizer: object = None  # the server LLM's (public: tokenizers are not private), to align its logits
 
     @property
     def name(self) -> str:

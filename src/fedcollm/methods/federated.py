@@ -6,6 +6,7 @@ import logging
 
 from fedcollm.aggregate import fedavg
 from fedcollm.algorithms.training import mutual_distill, unit_seed
+from fedcollm.errors import ModelError
 from fedcollm.methods.base import (
     Method,
     States,
@@ -27,7 +28,7 @@ class Standalone(Method):
     scores = ("slm",)
 
     def initial_states(self, clients: list[str]) -> States:
-        return {c: self.wb.slm_init for c in clients}
+        return {c: self.wb.held(c).init for c in clients}
 
     def client_task(self, states: States, client: str) -> AdapterState | None:
         return states[client]
@@ -43,7 +44,7 @@ def evaluate_clients(wb: Workbench, states: States, limit: int | None, r: int, m
     """Each client's own SLM adapter (`states`: client -> adapter) and their mean, the SLM row of the tables."""
     if limit is not None and r < wb.cfg.federation.rounds:
         return {}  # K evaluations a round are too dear for a curve point; the last round is scored in full
-    per_client = {c: evaluate_state(wb, "slm", s, limit, f"{method} r{r} {c}") for c, s in sorted(states.items())}
+    per_client = {c: evaluate_state(wb, c, s, limit, f"{method} r{r} {c}") for c, s in sorted(states.items())}
     return {"slm_clients": per_client, "slm": mean_over_clients(list(per_client.values()))}
 
 
@@ -70,6 +71,15 @@ class FedCoLLM(FedAvg):
 
     name = "fedcollm"
     scores = ("llm", "slm")
+
+    def __init__(self, wb: Workbench):
+        super().__init__(wb)
+        slm = wb.held("slm")
+        if slm.tokenizer is not wb.tokenizer or wb.llm.config.vocab_size != slm.model.config.vocab_size:
+            raise ModelError(f"fedcollm distils LLM and SLM on one encoding of D^a, so it needs one vocabulary, but "
+                             f"LLM {wb.llm_name or wb.cfg.model.llm} ({wb.llm.config.vocab_size} ids) and SLM "
+                             f"{wb.slm_name or wb.cfg.model.slm} ({slm.model.config.vocab_size} ids) use different "
+                             f"tokenizers: run fedmkt for that pair")
 
     def server_update(self, states: States, r: int) -> tuple[States, dict, dict]:
         wb, d = self.wb, self.wb.cfg.distill

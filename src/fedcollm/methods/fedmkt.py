@@ -1,15 +1,20 @@
 """FedMKT (Fan et al., arXiv 2406.02224): mutual knowledge transfer between the server's LLM and the clients'
 SLMs through top-k logits on the public set D^a, across tokenizers, in FATE-LLM's round protocol.
 
+Each client may run its own model family and tokenizer (model.client_slms). The server holds every tokenizer, so
+it does all the aligning, both ways; a client needs only its own model and tokenizer.
+
 A round. Each client (`client_fit`, from its own adapter): (a) from the second round on, distils its SLM
-towards the LLM's top-k of the previous round, aligned into its own tokenization and vocabulary and selected
-per example; (b) fine-tunes on its private shard; (c) uploads its top-k logits and per-example CE on D^a. The
-server aligns each client's top-k into the LLM's vocabulary, selects per example (the LLM's own start-of-round
-distribution is a candidate), distils the LLM, and computes the LLM's top-k that the next round's tasks carry.
-The SLMs are scored after (b) of the last round: the LLM's last top-k is never sent.
+towards the LLM's top-k of the previous round, which the server has already moved onto the client's answer rows
+and into its vocabulary (`realign`), selected per example; (b) fine-tunes on its private shard; (c) uploads its
+top-k logits and per-example CE on D^a. The server aligns each client's top-k into the LLM's vocabulary, selects
+per example (the LLM's own start-of-round distribution is a candidate), distils the LLM, and computes the LLM's
+top-k that the next round's tasks carry. The SLMs are scored after (b) of the last round, each with its own
+tokenizer: the LLM's last top-k is never sent.
 
 What crosses the network, all of it in the byte figures: down, the client's SLM adapter and (after round 1) the
-LLM's top-k on D^a; up, the adapter and the client's top-k and CEs. The adapter travels because a client here is
+LLM's top-k on D^a in the client's rows and vocabulary (plus an `aligned` flag per row when the tokenizers
+differ); up, the adapter and the client's top-k and CEs. The adapter travels because a client here is
 stateless (on Flower a client process may be new each round): the server holds each client's adapter for it and
 scores it, as for Standalone (with fedmkt.share_adapters, their FedAvg instead). The LLM's adapter stays on the
 server. The logits describe D^a, which is public, but they are a function of the client's private fine-tuning.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import lru_cache
 
 import torch
 
@@ -32,7 +38,7 @@ from fedcollm.algorithms.training import (
 )
 from fedcollm.alignment.exchange import PREFIX, TopK, from_tensors, to_tensors
 from fedcollm.alignment.sequence import SparseTargets, aligned_fraction
-from fedcollm.alignment.transfer import answer_rows, example_targets, select_targets
+from fedcollm.alignment.transfer import realign, row_targets, select_targets
 from fedcollm.alignment.vocab import map_vocab, token_strings
 from fedcollm.comm import Payload
 from fedcollm.config import FedMKTConfig
@@ -73,35 +79,39 @@ def vocab_ids(src_tokenizer, dst_tokenizer) -> torch.Tensor:
     return map_vocab(src_tokenizer, dst_tokenizer).ids
 
 
-def encoded_as(data: SFTData, data_tokenizer, tokenizer, max_length: int) -> SFTData:
-    """`data`'s examples in `tokenizer`'s tokens (itself where that is the tokenizer it was encoded with)."""
-    return data if tokenizer is data_tokenizer else SFTData(data.examples, tokenizer, max_length)
+@lru_cache(maxsize=32)
+def _bridge(src_tokenizer, dst_tokenizer) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The vocabulary map and both surface vocabularies of a tokenizer pair: built once a process (every round
+    and every client of a model reuses them; `map_vocab` also caches on disk)."""
+    return vocab_ids(src_tokenizer, dst_tokenizer), token_strings(src_tokenizer), token_strings(dst_tokenizer)
+
+
+def moved(sender: Sender, dst: SFTData, dst_tokenizer) -> TopK:
+    """A sender's top-k on D^a, on the receiver's answer rows and in its vocabulary (itself for one tokenizer)."""
+    top, src, src_tokenizer = sender
+    if src_tokenizer is dst_tokenizer:
+        return top
+    id_map, src_strings, dst_strings = _bridge(src_tokenizer, dst_tokenizer)
+    return realign(top, src.encoded, dst.encoded, src_strings, dst_strings, id_map)
 
 
 def transfer_targets(sender: Sender, dst: SFTData, dst_tokenizer, temperature: float) -> list[SparseTargets]:
     """A sender's top-k on D^a as sparse targets on the receiver's answer rows, example by example."""
-    top, src, src_tokenizer = sender
-    id_map = vocab_ids(src_tokenizer, dst_tokenizer)
-    src_strings, dst_strings = token_strings(src_tokenizer), token_strings(dst_tokenizer)
-    out = []
-    for e, (s_enc, d_enc) in enumerate(zip(src.encoded, dst.encoded)):
-        ids, n = d_enc
-        rows = answer_rows(s_enc, d_enc, src_strings, dst_strings)
-        out.append(example_targets(top, e, rows, id_map, torch.tensor(ids[len(ids) - n:]), temperature))
-    return out
+    return row_targets(moved(sender, dst, dst_tokenizer), dst.encoded, temperature)
 
 
-def distil_from(model, tokenizer, public: SFTData, own: TopK, senders: list[Sender], mkt: FedMKTConfig, epochs: int,
-                lr: float, seed: int, desc: str) -> tuple[StepLog, dict]:
-    """Distil `model` on D^a towards the senders' aligned top-k, chosen per example by `mkt.selection` against its
-    own start-of-round top-k `own`; returns the step log and what the record shows (aligned and distilled shares)."""
-    teachers = [transfer_targets(s, public, tokenizer, mkt.temperature) for s in senders]
-    own_targets = transfer_targets((own, public, tokenizer), public, tokenizer, mkt.temperature)
-    targets = select_targets(mkt.selection, own.ce, own_targets, torch.stack([s[0].ce for s in senders]), teachers)
-    steps = distill_steps(model, public, targets, epochs, lr, mkt.batch_size, mkt.kd_weight, seed, desc)
-    aligned = [aligned_fraction(torch.cat([t.aligned for t in per_example])) for per_example in teachers]
+def distil_from(model, public: SFTData, own: TopK, teachers: list[TopK], mkt: FedMKTConfig, epochs: int, lr: float,
+                seed: int, desc: str) -> tuple[StepLog, dict]:
+    """Distil `model` on D^a towards the teachers' top-k (already on its answer rows and in its vocabulary), chosen
+    per example by `mkt.selection` against its own start-of-round top-k `own`; returns the step log and what the
+    record shows (aligned and distilled shares)."""
+    targets = [row_targets(t, public.encoded, mkt.temperature) for t in teachers]
+    own_targets = row_targets(own, public.encoded, mkt.temperature)
+    chosen = select_targets(mkt.selection, own.ce, own_targets, torch.stack([t.ce for t in teachers]), targets)
+    steps = distill_steps(model, public, chosen, epochs, lr, mkt.batch_size, mkt.kd_weight, seed, desc)
+    aligned = [aligned_fraction(torch.cat([t.aligned for t in per_example])) for per_example in targets]
     return steps, {"aligned_fraction": sum(aligned) / len(aligned),
-                   "distilled_fraction": sum(t is not None for t in targets) / len(targets)}
+                   "distilled_fraction": sum(t is not None for t in chosen) / len(chosen)}
 
 
 class FedMKT(Method):
@@ -116,11 +126,8 @@ class FedMKT(Method):
         super().__init__(wb)
         self.mkt = wb.cfg.fedmkt
         self._llm_view: tuple[AdapterState, TopK] | None = None
+        self._sent: dict[int, TopK] = {}  # the LLM view's top-k moved onto each client tokenizer's rows (by id)
         self._uploads: dict[str, TopK] = {}  # this round's accepted client top-k, from aggregate to server_update
-
-    def _client_public(self, client: str) -> tuple[SFTData, object]:
-        """D^a as `client` encodes it, and its tokenizer (one tokenizer for every model, for now)."""
-        return self.wb.aux_data, self.wb.tokenizer
 
     def _llm_topk(self, states: States) -> TopK:
         """The LLM's top-k on D^a under states["llm"], computed once per LLM adapter (again after a resume)."""
@@ -128,18 +135,28 @@ class FedMKT(Method):
             load_adapter_state(self.wb.llm, states["llm"])
             top = public_topk(self.wb.llm, self.wb.aux_data, self.mkt.top_k, len(self.wb.tokenizer),
                               self.mkt.batch_size)
-            self._llm_view = (states["llm"], top)
+            self._llm_view, self._sent = (states["llm"], top), {}
         return self._llm_view[1]
 
+    def _llm_topk_for(self, states: States, client: str) -> TopK:
+        """The LLM's top-k as `client` receives it: on its answer rows of D^a, in its vocabulary. The server aligns
+        (it holds every tokenizer), so a client needs only its own model."""
+        top, held = self._llm_topk(states), self.wb.held(client)
+        key = id(held.tokenizer)
+        if key not in self._sent:
+            self._sent[key] = moved((top, self.wb.aux_data, self.wb.tokenizer), held.public, held.tokenizer)
+        return self._sent[key]
+
     def initial_states(self, clients: list[str]) -> States:
-        slm = {"slm": self.wb.slm_init} if self.mkt.share_adapters else {c: self.wb.slm_init for c in clients}
-        return {"llm": self.wb.llm_init} | slm
+        if self.mkt.share_adapters:
+            return {"llm": self.wb.llm_init, "slm": self.wb.slm_init}
+        return {"llm": self.wb.llm_init} | {c: self.wb.held(c).init for c in clients}
 
     def client_task(self, states: States, client: str) -> AdapterState | None:
         adapter = states["slm" if self.mkt.share_adapters else client]
         if states["llm"] is self.wb.llm_init:  # first round: the LLM has learned nothing from the clients yet
             return adapter
-        return adapter | to_tensors(self._llm_topk(states))
+        return adapter | to_tensors(self._llm_topk_for(states, client))
 
     @classmethod
     def client_fit(cls, res: ClientResources, task: Payload, round_idx: int) -> Payload:
@@ -148,13 +165,11 @@ class FedMKT(Method):
         seed = unit_seed(cfg.run.seed, round_idx, res.index)
         load_adapter_state(res.slm, adapter_part(task.tensors))
         if mkt.slm_epochs and any(k.startswith(PREFIX) for k in task.tensors):
-            llm_public = encoded_as(res.public, res.tokenizer, res.llm_tokenizer, cfg.model.max_length)
-            llm_top = covering(from_tensors(task.tensors, "server", len(res.llm_tokenizer), mkt.top_k), llm_public,
+            llm_top = covering(from_tensors(task.tensors, "server", len(res.tokenizer), mkt.top_k), res.public,
                                "server")
             own = public_topk(res.slm, res.public, mkt.top_k, len(res.tokenizer), mkt.batch_size)
-            steps, info = distil_from(res.slm, res.tokenizer, res.public, own, [(llm_top, llm_public,
-                                                                                 res.llm_tokenizer)],
-                                      mkt, mkt.slm_epochs, mkt.slm_lr, seed, f"{res.name} FedMKT distil")
+            steps, info = distil_from(res.slm, res.public, own, [llm_top], mkt, mkt.slm_epochs, mkt.slm_lr, seed,
+                                      f"{res.name} FedMKT distil")
             log.debug("%s round %d: distilled on %.0f%% of D^a, loss %.4f", res.name, round_idx,
                       100 * info["distilled_fraction"], steps.mean_loss)
         theta, n, _ = client_update(res.slm, adapter_state(res.slm), res.data, fed.local_epochs, fed.client_lr,
@@ -165,14 +180,14 @@ class FedMKT(Method):
     def check_reply(self, task: Payload, reply: Payload, client: str) -> tuple[AdapterState, int]:
         """The adapter as any adapter upload (shape, finite, robustness policy), plus a top-k that covers D^a
         with ids in the client's vocabulary."""
-        public, tokenizer = self._client_public(client)
-        top = covering(from_tensors(reply.tensors, client, len(tokenizer), self.mkt.top_k), public, client)
+        held = self.wb.held(client)
+        top = covering(from_tensors(reply.tensors, client, len(held.tokenizer), self.mkt.top_k), held.public, client)
         theta, n = super().check_reply(Payload(adapter_part(task.tensors)),
                                        Payload(adapter_part(reply.tensors), reply.num_examples), client)
         return theta | to_tensors(top), n
 
     def aggregate(self, states: States, updates: Updates, r: int) -> States:
-        self._uploads = {c: from_tensors(t, c, len(self._client_public(c)[1])) for c, (t, _) in updates.items()}
+        self._uploads = {c: from_tensors(t, c, len(self.wb.held(c).tokenizer)) for c, (t, _) in updates.items()}
         adapters = {c: (adapter_part(t), n) for c, (t, n) in updates.items()}
         if self.mkt.share_adapters:
             return states | {"slm": fedavg(list(adapters.values()))}
@@ -186,13 +201,14 @@ class FedMKT(Method):
         wb, mkt = self.wb, self.mkt
         own = self._llm_topk(states)
         load_adapter_state(wb.llm, states["llm"])
-        senders = [(uploads[c], *self._client_public(c)) for c in sorted(uploads)]
-        steps, info = distil_from(wb.llm, wb.tokenizer, wb.aux_data, own, senders, mkt, mkt.llm_epochs, mkt.llm_lr,
+        teachers = [moved((uploads[c], wb.held(c).public, wb.held(c).tokenizer), wb.aux_data, wb.tokenizer)
+                    for c in sorted(uploads)]
+        steps, info = distil_from(wb.llm, wb.aux_data, own, teachers, mkt, mkt.llm_epochs, mkt.llm_lr,
                                   unit_seed(wb.cfg.run.seed, r, -1), f"FedMKT LLM distil r{r}")
         states = states | {"llm": adapter_state(wb.llm)}
         t0 = time.perf_counter()
         self._llm_topk(states)  # what the next round's tasks carry
-        return (states, info | {"teachers": len(senders), "kd_first": steps.losses[0], "kd_last": steps.losses[-1]},
+        return (states, info | {"teachers": len(teachers), "kd_first": steps.losses[0], "kd_last": steps.losses[-1]},
                 {"server_kd_s": steps.seconds, "server_topk_s": time.perf_counter() - t0})
 
     def evaluate(self, states: States, limit: int | None, r: int) -> dict:

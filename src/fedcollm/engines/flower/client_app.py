@@ -1,4 +1,5 @@
-"""The Flower ClientApp: one client's SLM and private shard; it never receives the LLM or D^a.
+"""The Flower ClientApp: one client's SLM (model.client_slms[K] where set, else model.slm) with its own tokenizer,
+and its private shard; it never receives the LLM, the LLM's tokenizer or D^a.
 
 Each SuperNode says which client it is with `--node-config "partition-id=K num-partitions=N"`. By default
 the client cuts shard K from the train data exactly as the in-process engine does (same seed, same split).
@@ -77,6 +78,9 @@ def _client_side(context: Context) -> ClientResources:
     if "partition-id" not in node:
         raise ConfigError("node config: partition-id is required (flower-supernode --node-config 'partition-id=K')")
     index = int(node["partition-id"])
+    if not 0 <= index < cfg.federation.clients:
+        raise ConfigError(f"node config: partition-id {index} is not in [0, federation.clients = "
+                          f"{cfg.federation.clients})")
     own = str(node.get("data-config", ""))
     needs_public = any(METHOD_CLASSES[m].needs_public for m in cfg.run.methods)
     shared = None
@@ -90,14 +94,13 @@ def _client_side(context: Context) -> ClientResources:
     else:  # shard `index` of the shared split
         shard = shared.clients[index]
     device = resolve_device(cfg.model.device)
-    slm_dir = resolve_model_dir(cfg.model.slm, cfg.derive, cfg.data.data_dir)
+    slm_dir = resolve_model_dir(cfg.client_models()[index], cfg.derive, cfg.data.data_dir)
     slm = add_lora(load_model(slm_dir, resolve_dtype(cfg.model.dtype, device), device), cfg.model.lora,
                    cfg.run.seed + 1)
     tokenizer = load_tokenizer(slm_dir)
     max_len = cfg.model.max_length
     public = SFTData(shared.aux, tokenizer, max_len) if needs_public else None
-    # one tokenizer for LLM and SLM until the Workbench holds one per model (it refuses two vocabularies today)
-    side = ClientResources(cfg, index, slm, tokenizer, SFTData(shard, tokenizer, max_len), public, tokenizer)
+    side = ClientResources(cfg, index, slm, tokenizer, SFTData(shard, tokenizer, max_len), public)
     _cache.clear()  # a long-lived worker (clientapp-worker) keeps one run's SLM, not one per run it ever served
     _cache[key] = side
     return side
