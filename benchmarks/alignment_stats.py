@@ -38,11 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # benchmarks/ is not a package: reuse the tokenizer loader of its sibling
-
-from vocab_mapping import cpu_model, load_tokenizer
-
 from fedcollm.alignment.exchange import TopK, to_tensors
 from fedcollm.alignment.sequence import (
     dtw_align,
@@ -56,6 +51,11 @@ from fedcollm.config import ModelConfig, preset_tasks
 from fedcollm.data.batching import encode_pair
 from fedcollm.data.tasks import load_train_split
 from fedcollm.fileio import atomic_write_json
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # benchmarks/ is not a package: reuse the tokenizer loader of its sibling
+
+from vocab_mapping import cpu_model, load_tokenizer  # noqa: E402
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
 TASKS = ["arc_easy", "arc_challenge", "openbookqa", "commonsenseqa"]

@@ -101,6 +101,8 @@ def main() -> None:
         "secagg_server_saw_only_the_average": rec["secagg"]["secagg_all_results_identical"],
         "bytes_up_per_round": rec["flower"]["bytes_up"], "bytes_down_per_round": rec["flower"]["bytes_down"],
         "inprocess_bytes_up_per_round": rec["inprocess"]["bytes_up"],
+        "secagg_bytes_up_per_round": rec["secagg"]["bytes_up"],
+        "secagg_bytes_down_per_round": rec["secagg"]["bytes_down"],
         "wall_s": {"inprocess": inprocess_wall, "flower_incl_startup": flower_wall, "secagg_incl_startup": secagg_wall,
                    "subprocess_incl_startup": subprocess_wall},
         "setting": {"config": args.config or "embedded demo", "overrides": overrides, "llm": cfg.model.llm, "slm": cfg.model.slm,

@@ -9,7 +9,7 @@ import pytest
 
 from fedcollm.config import Config, preset_tasks
 from fedcollm.data.tasks import load_train_split
-from fedcollm.models.tiny import tiny_pair, tiny_tokenizer
+from fedcollm.models.tiny import tiny_llama, tiny_pair, tiny_qwen2, tiny_tokenizer
 
 DATA_DIR = os.environ.get("FEDCOLLM_DATA", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -21,13 +21,32 @@ def data_dir() -> str:
     return DATA_DIR
 
 
-@pytest.fixture(scope="session")
-def tokenizer(data_dir):
+def _texts(data_dir: str) -> list[str]:
     texts = []
     for task in ("arc_easy", "openbookqa"):
         for ex in load_train_split(task, preset_tasks()[task], data_dir)[:300]:
             texts.append(ex.context + " " + " ".join(ex.choices))
-    return tiny_tokenizer(texts)
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer(data_dir):
+    return tiny_tokenizer(_texts(data_dir))
+
+
+@pytest.fixture(scope="session")
+def client_tokenizers(data_dir):
+    """Two more tokenizers whose vocabularies differ from `tokenizer`'s and from each other (300 and 400 ids)."""
+    texts = _texts(data_dir)
+    return tiny_tokenizer(texts, vocab=300), tiny_tokenizer(texts[::-1], vocab=400)
+
+
+def hetero_models(client_tokenizers) -> dict:
+    """Client SLMs of two families and sizes, by the names model.client_slms uses: a 1-layer Llama on the
+    300-id tokenizer and a 2-layer Qwen2 on the 400-id one."""
+    tok_a, tok_b = client_tokenizers
+    return {"tiny-llama": (tiny_llama(hidden=32, layers=1, vocab=len(tok_a), seed=2), tok_a),
+            "tiny-qwen2": (tiny_qwen2(hidden=48, layers=2, vocab=len(tok_b), seed=3), tok_b)}
 
 
 @pytest.fixture
@@ -56,6 +75,21 @@ def make_workbench(data_dir, tokenizer):
     def make(out_dir: str = "runs/test", **sections):
         llm, slm = tiny_pair(seed=0)
         return Workbench.from_models(tiny_config(data_dir, out_dir, **sections), llm, slm, tokenizer)
+
+    return make
+
+
+@pytest.fixture
+def make_hetero_workbench(data_dir, tokenizer, client_tokenizers):
+    """A workbench whose clients run model.client_slms = tiny-llama, tiny-qwen2, tiny-llama: three vocabularies in
+    all (LLM 512, clients 300 and 400 ids)."""
+    from fedcollm.workbench import Workbench
+
+    def make(out_dir: str = "runs/test", **sections):
+        model = {"client_slms": ["tiny-llama", "tiny-qwen2", "tiny-llama"]} | sections.pop("model", {})
+        llm, slm = tiny_pair(seed=0)
+        return Workbench.from_models(tiny_config(data_dir, out_dir, model=model, **sections), llm, slm, tokenizer,
+                                     client_slms=hetero_models(client_tokenizers))
 
     return make
 

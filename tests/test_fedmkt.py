@@ -232,3 +232,82 @@ def test_fedmkt_refuses_secagg_and_dp():
         Config.from_dict({"run": {"methods": ["fedmkt"]}, "dp": {"noise_multiplier": 1.0}})
     with pytest.raises(ConfigError, match="fedmkt.selection"):
         Config.from_dict({"fedmkt": {"selection": "best"}})
+
+
+# ---- heterogeneous clients: other model families and tokenizers ------------------------------------------------
+
+HETERO = {"run": {"methods": ["fedmkt"]}, "fedmkt": MKT}
+
+
+def test_the_server_aligns_the_llm_topk_into_each_clients_vocabulary(make_hetero_workbench, tmp_path):
+    """What client_1 (Qwen2, 400 ids) is sent is the LLM's top-k already on its answer rows and in its vocabulary:
+    valid for its vocabulary, with some rows aligned and some not, and its targets are those the client would
+    have computed itself with the LLM's tokenizer."""
+    wb = make_hetero_workbench(str(tmp_path), **HETERO)
+    held = wb.held("client_1")
+    assert len(held.tokenizer) == 400 and held.model.config.model_type == "qwen2"
+    method = FedMKT(wb)
+    states = method.initial_states(["client_0", "client_1", "client_2"]) | {"llm": dict(wb.llm_init)}
+    task = method.client_task(states, "client_1")
+    sent = covering(from_tensors(task, "server", len(held.tokenizer), K), held.public, "server")
+    assert 0 < float(sent.aligned.float().mean()) < 1
+    llm_top = public_topk(wb.llm, wb.aux_data, K, len(wb.tokenizer), 4)
+    theirs = transfer_targets((llm_top, wb.aux_data, wb.tokenizer), held.public, held.tokenizer, 1.0)
+    from fedcollm.alignment.transfer import row_targets
+
+    for ours, their in zip(row_targets(sent, held.public.encoded, 1.0), theirs):
+        assert torch.equal(ours.aligned, their.aligned) and torch.equal(ours.ids, their.ids)
+        assert torch.allclose(ours.probs, their.probs)
+
+
+def test_two_rounds_with_clients_of_other_families_and_tokenizers(make_hetero_workbench, tmp_path):
+    from fedcollm.evaluate import evaluate_tasks
+    from fedcollm.methods.base import curve_items
+
+    wb = make_hetero_workbench(str(tmp_path), **HETERO)
+    run = RunDir(tmp_path)
+    final = run_method(wb, "fedmkt", run)
+    records = run.read_metrics("fedmkt")
+    assert [r["teachers"] for r in records] == [3, 3] and [r["rejected"] for r in records] == [0, 0]
+    assert all(0 < r["aligned_fraction"] < 1 for r in records)  # the clients' rows only partly align to the LLM's
+    assert records[1]["bytes_down"] > records[0]["bytes_down"]  # round 2 carries the LLM's (realigned) top-k
+    refs = {"llm": wb.llm_init} | {c: wb.held(c).init for c in ("client_0", "client_1", "client_2")}
+    states = run.load_round("fedmkt", 2, refs)
+    assert not states_equal(states["llm"], wb.llm_init)
+    assert states["client_1"].keys() != states["client_0"].keys()  # a Qwen2 adapter beside Llama ones
+    for c in ("client_0", "client_1"):  # each SLM is scored with its own tokenizer
+        held = wb.held(c)
+        load_adapter_state(held.model, states[c])
+        own = evaluate_tasks(held.model, held.tokenizer, wb.eval_sets, wb.cfg.model.max_length, 16, c,
+                             curve_items(wb.cfg))
+        assert final["slm_clients"][c]["arc_easy"]["acc"] == own["arc_easy"]["acc"]
+
+
+def test_averaging_methods_refuse_clients_of_other_models():
+    clients = {"model": {"client_slms": ["a", "b"]}, "federation": {"clients": 2}}
+    for methods in (["fedcollm"], ["fedavg"]):
+        with pytest.raises(ConfigError, match="model.client_slms: .* average one SLM adapter"):
+            Config.from_dict(clients | {"run": {"methods": methods}})
+    with pytest.raises(ConfigError, match="model.client_slms: fedmkt with fedmkt.share_adapters"):
+        Config.from_dict(clients | {"run": {"methods": ["fedmkt"]}, "fedmkt": {"share_adapters": True}})
+    ok = Config.from_dict(clients | {"run": {"methods": ["standalone", "fedmkt"]}})
+    assert ok.client_models() == ["a", "b"]
+    same = Config.from_dict({"model": {"slm": "a", "client_slms": ["a", "a"]}, "federation": {"clients": 2},
+                             "run": {"methods": ["fedcollm"]}})  # every client on model.slm: one adapter
+    assert same.client_models() == ["a", "a"]
+
+
+def test_fedcollm_refuses_an_slm_with_another_vocabulary(data_dir, tokenizer, client_tokenizers, tmp_path):
+    from conftest import tiny_config
+
+    from fedcollm.errors import ModelError
+    from fedcollm.methods import METHOD_CLASSES
+    from fedcollm.models.tiny import tiny_llama
+    from fedcollm.workbench import Workbench
+
+    other = client_tokenizers[0]
+    wb = Workbench.from_models(tiny_config(data_dir, str(tmp_path)), tiny_llama(), tiny_llama(vocab=len(other)),
+                               tokenizer, slm_tokenizer=other)
+    with pytest.raises(ModelError, match="one vocabulary"):
+        METHOD_CLASSES["fedcollm"](wb)
+    assert FedMKT(wb).initial_states(["client_0"])["client_0"] is wb.slm_init  # fedmkt takes the pair

@@ -124,3 +124,51 @@ def test_client_runs_the_method_the_server_names(model_dirs, data_dir, make_work
     top = from_tensors(ours.tensors, "client_2", len(wb.tokenizer), 4)
     assert top.example_ids.tolist() == list(range(len(wb.aux_data)))
     assert torch.equal(top.ids, from_tensors(theirs.tensors, "in-process", len(wb.tokenizer), 4).ids)
+
+
+def test_a_client_with_its_own_model_and_tokenizer_answers_in_its_own_vocabulary(model_dirs, data_dir,
+                                                                                    client_tokenizers, tokenizer):
+    """model.client_slms[1] is a Qwen2 on a 400-id tokenizer: partition 1 builds that SLM with its own tokenizer and,
+    sent the LLM's top-k that the server moved into its vocabulary, replies with a top-k in its own vocabulary,
+    as the in-process client does. It is never given the LLM's tokenizer."""
+    from conftest import hetero_models, tiny_config
+
+    from fedcollm.alignment.exchange import from_tensors
+    from fedcollm.comm import pack, unpack
+    from fedcollm.engines.inprocess import SimulatedClient
+    from fedcollm.methods.fedmkt import FedMKT
+    from fedcollm.workbench import Workbench
+
+    models = hetero_models(client_tokenizers)
+    for name, (model, tok) in models.items():
+        model.save_pretrained(model_dirs / name)
+        tok.save_pretrained(model_dirs / name)
+    slms = [str(model_dirs / n) for n in ("tiny-llama", "tiny-qwen2", "tiny-llama")]
+    mkt = {"top_k": 4, "batch_size": 4}
+    cfg = tiny_config(data_dir, str(model_dirs / "run"), model={"llm": str(model_dirs / "llm"),
+                                                                 "slm": str(model_dirs / "slm"), "client_slms": slms},
+                      run={"methods": ["fedmkt"]}, fedmkt=mkt)
+    context = _context({"partition-id": 1, "num-partitions": 3})
+    _ask(client_app.setup, RecordDict({"setup": ConfigRecord({"config": json.dumps(cfg.to_dict())})}), context,
+         "query")
+    side = client_app._client_side(context)
+    ids = list(range(400))  # its own 400-id vocabulary (reloading as Qwen2 may append a special token after it)
+    assert side.slm.config.model_type == "qwen2" and side.slm.config.vocab_size == 400
+    assert side.tokenizer.convert_ids_to_tokens(ids) == client_tokenizers[1].convert_ids_to_tokens(ids)
+
+    from fedcollm.models.tiny import tiny_pair
+
+    llm, slm = tiny_pair(seed=0)
+    wb = Workbench.from_models(cfg, llm, slm, tokenizer,
+                               client_slms={str(model_dirs / n): m for n, m in models.items()})
+    method = FedMKT(wb)
+    states = method.initial_states(["client_0", "client_1", "client_2"]) | {"llm": dict(wb.llm_init)}
+    task = Payload(method.client_task(states, "client_1"))
+    assert "topk.aligned" in task.tensors  # the LLM's top-k, already in client_1's rows and vocabulary
+    reply = _ask(client_app.train, to_record(task, round=2, method="fedmkt"), context, "train")
+    ours = from_record(reply.content, "client_1")
+    theirs = unpack(SimulatedClient(wb, 1).fit(pack(task), 2, "fedmkt"))
+    top = from_tensors(ours.tensors, "client_1", 400, 4)
+    assert top.example_ids.tolist() == list(range(len(wb.aux_data)))
+    assert torch.equal(top.ids, from_tensors(theirs.tensors, "in-process", 400, 4).ids)
+    assert all((ours.tensors[k] - theirs.tensors[k]).abs().max() < 1e-5 for k in theirs.tensors if "lora" in k)
