@@ -52,6 +52,14 @@ class StepLog:
         return sum(self.losses) / max(len(self.losses), 1)
 
 
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, log: StepLog) -> None:
+    """One optimizer step on `loss`, logged: the step SFT and FedMKT's distillation share."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    log.losses.append(loss.item())
+
+
 def sft_steps(model, data: SFTData, steps: int, lr: float, batch_size: int, seed: int, desc: str = "sft") -> StepLog:
     """`steps` AdamW steps of answer-token cross-entropy on the model's trainable (LoRA) parameters."""
     torch.manual_seed(seed)
@@ -63,11 +71,7 @@ def sft_steps(model, data: SFTData, steps: int, lr: float, batch_size: int, seed
     batches = cycle_batches(data, batch_size, seed)
     for _ in tqdm(range(steps), desc=desc, leave=False):
         batch = next(batches).to(device)
-        loss = answer_ce(answer_logits(model, batch), batch.targets, batch.target_mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        log.losses.append(loss.item())
+        _step(opt, answer_ce(answer_logits(model, batch), batch.targets, batch.target_mask), log)
     model.eval()
     log.seconds = time.perf_counter() - t0
     return log
@@ -163,12 +167,8 @@ def distill_steps(model, data: SFTData, targets: list[Target], epochs: int, lr: 
                 t_ids, t_probs, t_mask = (x.to(device) for x in collate_targets([targets[i] for i in idx],
                                                                                  batch.keep))
                 logits = answer_logits(model, batch)
-                loss = fedmkt_loss(answer_ce(logits, batch.targets, batch.target_mask),
-                                   soft_target_ce(logits, t_ids, t_probs, t_mask), kd_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                log.losses.append(loss.item())
+                _step(opt, fedmkt_loss(answer_ce(logits, batch.targets, batch.target_mask),
+                                       soft_target_ce(logits, t_ids, t_probs, t_mask), kd_weight), log)
                 bar.update()
     model.eval()
     log.seconds = time.perf_counter() - t0
