@@ -9,10 +9,17 @@ def _ex(answer, choices=("aa", "b")):
 
 
 def test_acc_and_acc_norm_follow_lm_eval():
-    # sums: choice 1 wins on acc; per character (" aaaaaaa" = 8 chars vs " b" = 2) choice 0 wins on acc_norm
+    # sums: choice 1 wins on acc; per character ("aaaaaaa" = 7 chars vs "b" = 1) choice 0 wins on acc_norm
     ex = [_ex(0, ("aaaaaaa", "b"))]
     res = accuracy(ex, [[-5.0, -4.0]])
     assert res == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
+def test_acc_norm_divides_by_the_choice_text_not_the_continuation_with_its_space():
+    # "ab" vs "abcd": per choice-text character -2.1/2 = -1.05 < -4.0/4 = -1.0, so lm-eval picks choice 1;
+    # dividing by the continuation with its leading space (-2.1/3 = -0.70 > -4.0/5 = -0.80) would pick choice 0
+    ex = [_ex(1, ("ab", "abcd"))]
+    assert accuracy(ex, [[-2.1, -4.0]])["acc_norm"] == 1.0
 
 
 def test_choice_logprobs_match_an_unpadded_forward(data_dir, tokenizer, models):

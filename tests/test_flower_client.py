@@ -101,6 +101,38 @@ def test_clientapp_worker_names_a_missing_certificate(tmp_path):
         dispatch(["clientapp-worker", "--root-certificates", str(tmp_path / "nope.crt")])
 
 
+def test_a_run_that_ends_mid_task_does_not_end_the_worker(monkeypatch):
+    """Flower signals SIGINT to a task whose run was stopped (heartbeat refused, token revoked); the worker drops
+    that task and serves the next one, as a resumed run needs (a dead worker left the resume waiting forever)."""
+    import signal
+    from types import SimpleNamespace
+
+    from fedcollm.engines.flower import worker
+
+    handler = signal.getsignal(signal.SIGINT)
+    acquired = iter([True, True])
+
+    def acquire(request):
+        if next(acquired, False):
+            return SimpleNamespace(HasField=lambda field: True, token="t")
+        raise SystemExit  # ends serve() for the test
+
+    ran = []
+
+    def run_task(address, token, root_certificates):
+        ran.append(token)
+        if len(ran) == 1:
+            signal.raise_signal(signal.SIGINT)  # what flwr's heartbeat does when the SuperNode says the run ended
+            raise AssertionError("the SIGINT should have aborted the task")
+
+    monkeypatch.setattr(worker, "_runtime_client", lambda *a: SimpleNamespace(AcquireTask=acquire))
+    monkeypatch.setattr(worker, "run_task", run_task)
+    with pytest.raises(SystemExit):
+        worker.serve("127.0.0.1:1", poll_interval=0.0)
+    assert ran == ["t", "t"]
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C between tasks still ends the worker
+
+
 def test_client_runs_the_method_the_server_names(model_dirs, data_dir, make_workbench):
     """A train message whose meta names fedmkt runs FedMKT's client hook: the reply holds the adapter and a top-k
     on the public set, equal to the in-process client's."""

@@ -1,7 +1,9 @@
 """Zero-shot multiple-choice accuracy scored as lm-evaluation-harness does.
 
 Each choice is scored by the summed log-probability of its continuation tokens given the context.
-acc picks the highest sum; acc_norm divides each sum by the continuation's length in characters first.
+acc picks the highest sum; acc_norm divides each sum by the length in characters of the choice text first:
+lm-evaluation-harness normalizes by `len(doc_to_choice)`, which excludes the target delimiter (the one leading
+space of the continuation template " {choice}") that the scored continuation includes.
 """
 
 from __future__ import annotations
@@ -79,10 +81,15 @@ def choice_logprobs(model, tokenizer, examples: list[MCExample], max_length: int
     return scores
 
 
+def choice_length(continuation: str) -> int:
+    """acc_norm's divisor: the continuation less lm-eval's target delimiter (one leading space)."""
+    return max(1, len(continuation.removeprefix(" ")))
+
+
 def accuracy(examples: list[MCExample], scores: list[list[float]]) -> dict[str, float]:
     correct = correct_norm = 0
     for ex, sc in zip(examples, scores):
-        norm = [s / len(ex.continuations[c]) for c, s in enumerate(sc)]
+        norm = [s / choice_length(ex.continuations[c]) for c, s in enumerate(sc)]
         correct += max(range(len(sc)), key=sc.__getitem__) == ex.answer
         correct_norm += max(range(len(norm)), key=norm.__getitem__) == ex.answer
     n = len(examples)

@@ -14,7 +14,9 @@ the app a SuperNode would load from the FAB.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import time
 
 from flwr.app import Message
@@ -28,6 +30,7 @@ from flwr.supercore.interceptors import (
     RuntimeVersionHttpInterceptor,
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import RunNotRunningException
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import (
     pull_task_input,
@@ -46,6 +49,24 @@ def _runtime_client(address: str, root_certificates: bytes | None, component: st
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=root_certificates is None, root_certificates=root_certificates,
         interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+
+
+@contextlib.contextmanager
+def run_may_end():
+    """While a task runs, SIGINT means its run ended: abort the task, keep the worker.
+
+    Flower's runtime client ends a task by signalling its own process: the heartbeat raises SIGINT when the
+    SuperNode says the run is over, and the retry invoker sends SIGINT on a revoked token. That is right for a
+    one-task `flwr-clientapp` process and would kill this worker, leaving its SuperNode without a ClientApp for
+    every later run (the next run then waits for replies forever). Ctrl-C while idle still ends the worker."""
+    def abort(signum, frame):
+        raise RunNotRunningException
+
+    previous = signal.signal(signal.SIGINT, abort)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_task(address: str, token: str, root_certificates: bytes | None = None) -> None:
@@ -89,8 +110,11 @@ def serve(address: str, root_certificates: bytes | None = None, poll_interval: f
         try:
             res = acquirer.AcquireTask(request)
             if res.HasField("task") and res.token:
-                run_task(address, res.token, root_certificates)
+                with run_may_end():
+                    run_task(address, res.token, root_certificates)
                 continue
-        except Exception:  # noqa: BLE001 - a stopped run or a restarting SuperNode must not end the worker
+        except RunNotRunningException:  # a BaseException in flwr
+            log.warning("the run of this ClientApp task ended before the task did; waiting for the next task")
+        except Exception:  # noqa: BLE001 - a restarting SuperNode must not end the worker
             log.exception("ClientApp task could not be completed; waiting for the next one")
         time.sleep(poll_interval)
