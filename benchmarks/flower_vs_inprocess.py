@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model  # benchmarks/ is the script's folder, on sys.path
 
 from fedcollm.cli import load_config, run_experiment
 from fedcollm.engines.flower.loopback import LoopbackFederation
@@ -34,13 +34,6 @@ from fedcollm.runs import RunDir
 HERE = Path(__file__).resolve().parent
 BASE = ["federation.rounds=1", "run.methods=['fedcollm']", "data.eval_limit=50", "run.round_eval_limit=none"]
 CPU_DEFAULT = HERE / "cpu_default.toml"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def round_record(run: Path) -> dict:

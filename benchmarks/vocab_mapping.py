@@ -19,6 +19,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from machine import cpu_model  # benchmarks/ is the script's folder, on sys.path
 from rapidfuzz.distance import Levenshtein
 
 from fedcollm.alignment.vocab import map_vocab, token_strings
@@ -46,13 +47,6 @@ def load_tokenizer(name: str):
         gguf = resolve_gguf(name, cache_root() / "gguf")
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(saved)
     return AutoTokenizer.from_pretrained(saved)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def examples(src_str: list[str], dst_str: list[str], vmap, k: int = 10) -> list[dict]:

@@ -60,7 +60,7 @@ def tiny_config(data_dir: str, out_dir: str = "runs/test", **sections) -> Config
                   "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "data": {"data_dir": data_dir, "tasks": ["arc_easy"], "train_per_task": 40, "eval_limit": 6},
         "federation": {"clients": 3, "rounds": 2, "local_epochs": 1, "batch_size": 4, "client_lr": 1e-2},
-        "distill": {"steps": 3, "batch_size": 4, "llm_lr": 1e-2, "slm_lr": 1e-2},
+        "distill": {"epochs": 1.5, "batch_size": 4, "llm_lr": 1e-2, "slm_lr": 1e-2},
         "run": {"methods": ["fedcollm"], "out_dir": out_dir, "eval_batch_size": 16},
     }
     for section, values in sections.items():

@@ -241,7 +241,7 @@ FIELDS = [
     ("federation.min_fit_clients", 9, "[1, federation.clients = 4]"), ("federation.max_examples", 0, ">= 1"),
     ("federation.max_update_ratio", 0, "> 0"), ("federation.max_update_ratio", math.inf, "finite"),
     ("federation.norm_action", "ignore", "clip or reject"),
-    ("distill.steps", -1, ">= 0"), ("distill.steps", 1.5, "expected int"),
+    ("distill.epochs", -1, ">= 0"), ("distill.epochs", "one", "expected float"),
     ("distill.kd_weight", -1.0, ">= 0"), ("distill.kd_weight", math.inf, "finite"),
     ("distill.kd_weight", math.nan, "finite"),
     ("distill.temperature", 0, "> 0"), ("distill.temperature", -1.0, "> 0"), ("distill.temperature", math.inf, "finite"),
@@ -466,7 +466,7 @@ def finished_run(tmp_path_factory, data_dir, tokenizer):
 def tiny_run_args(out: Path, data_dir: str) -> list[str]:
     return ["run", "--out", str(out), "--set", f"data.data_dir='{data_dir}'", "--set", "data.tasks=['arc_easy']",
             "--set", "data.train_per_task=24", "--limit", "4", "--set", "federation.clients=2",
-            "--set", "distill.steps=2", "--set", "model.max_length=64", "--set", "model.lora.dropout=0.0",
+            "--set", "distill.epochs=1", "--set", "model.max_length=64", "--set", "model.lora.dropout=0.0",
             "--set", "run.methods=['zero_shot','fedcollm']"]
 
 

@@ -8,7 +8,7 @@ from fedcollm import cli
 def _args(tmp_path, data_dir, *extra):
     return ["run", "--out", str(tmp_path / "run"), "--set", f"data.data_dir='{data_dir}'",
             "--set", "data.train_per_task=24", "--limit", "4", "--set", "federation.clients=2",
-            "--set", "distill.steps=2", "--set", "model.max_length=64", "--set", "model.lora.dropout=0.0",
+            "--set", "distill.epochs=1", "--set", "model.max_length=64", "--set", "model.lora.dropout=0.0",
             "--set", "run.methods=['zero_shot','fedavg','fedcollm']", *extra]
 
 

@@ -9,6 +9,7 @@ from fedcollm.data.partition import load_train_pool, partition
 from fedcollm.data.tasks import (
     bundled_data_dir,
     load_eval_split,
+    load_scored_split,
     load_split,
     load_train_split,
 )
@@ -24,6 +25,32 @@ def test_real_tasks_load_with_expected_sizes(data_dir):
     row = json.loads(open(f"{data_dir}/arc_easy/test.jsonl").readline())
     assert ex.context == f"Question: {row['question']}\nAnswer:"
     assert ex.continuations[ex.answer] == " " + row["choices"][row["answer"]]
+
+
+def test_tuning_reads_validation_items_that_no_run_trains_on_or_reports(data_dir):
+    """data.scored = "validation": the official dev split for ARC/OpenBookQA; for CommonsenseQA, whose dev split
+    is the reported one, the last 1000 train rows, which are dropped from training in every run."""
+    tuning = DataConfig(data_dir=data_dir, scored="validation")
+    dev_ids = {e.id for e in load_scored_split("arc_easy", PRESETS["arc_easy"], tuning)}
+    assert dev_ids == {e.id for e in load_split("arc_easy", PRESETS["arc_easy"], "dev", data_dir)}
+    assert not dev_ids & {e.id for e in load_eval_split("arc_easy", PRESETS["arc_easy"], data_dir)}
+    held = load_scored_split("commonsenseqa", PRESETS["commonsenseqa"], tuning)
+    trained = load_train_split("commonsenseqa", PRESETS["commonsenseqa"], data_dir)
+    reported = load_eval_split("commonsenseqa", PRESETS["commonsenseqa"], data_dir)
+    assert len(held) == 1000 and len(trained) + 1000 == len(load_split(
+        "commonsenseqa", PRESETS["commonsenseqa"], "train", data_dir))
+    assert not {e.id for e in held} & ({e.id for e in trained} | {e.id for e in reported})
+
+
+def test_a_task_without_validation_data_is_refused_by_name_when_tuning(data_dir):
+    spec = TaskConfig(path="arc_easy", train_split="train")
+    with pytest.raises(DataError, match="task 'mine' has no validation data.*tasks.mine.validation_split"):
+        load_scored_split("mine", spec, DataConfig(data_dir=data_dir, scored="validation"))
+    with pytest.raises(ConfigError, match="validation_holdout.*not both"):
+        Config.from_dict({"tasks": {"mine": {"path": "arc_easy", "train_split": "train", "validation_split": "dev",
+                                             "validation_holdout": 5}}})
+    with pytest.raises(DataError, match="holds out every one"):
+        load_train_split("mine", TaskConfig(path="arc_easy", train_split="train", validation_holdout=10**6), data_dir)
 
 
 def test_presets_are_valid_task_configs_in_one_table():

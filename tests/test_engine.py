@@ -152,3 +152,25 @@ def test_client_sampling_is_seeded_and_shared_by_engines(make_workbench, tmp_pat
     run_method(wb, "fedavg", RunDir(tmp_path))
     records = RunDir(tmp_path).read_metrics("fedavg")
     assert [len(r["sampled"]) for r in records] == [2, 2] and [r["accepted"] for r in records] == [2, 2]
+
+
+def test_every_method_records_the_steps_and_examples_each_model_trained_on(make_workbench, tmp_path):
+    """The budgets the study compares at: client SFT counted from each reply's example count, the server's
+    distillation as ceil(epochs * |D^a| / batch) steps a round, Centralized's epochs over the union."""
+    from fedcollm.report import training_budget
+
+    wb = make_workbench(str(tmp_path))  # 3 clients, batch 4, 1 local epoch, D^a of 8 at 1.5 epochs, 2 rounds
+    run = RunDir(tmp_path)
+    sizes = [len(d) for d in wb.client_data]
+    client_steps = sum(-(-n // 4) for n in sizes)
+    kd_steps = wb.cfg.distill.steps(len(wb.aux_data))
+    assert kd_steps == 3  # ceil(1.5 * 8 / 4)
+    for name in ("fedavg", "fedcollm", "centralized"):
+        run_method(wb, name, run)
+    assert training_budget(run, "fedavg") == {"llm_steps": 0, "slm_steps": 2 * client_steps, "llm_examples": 0,
+                                              "slm_examples": 2 * sum(sizes), "examples_seen": 2 * sum(sizes)}
+    fedcollm = training_budget(run, "fedcollm")
+    assert fedcollm["llm_steps"] == 2 * kd_steps and fedcollm["slm_steps"] == 2 * (client_steps + kd_steps)
+    assert fedcollm["llm_examples"] == 2 * kd_steps * 4
+    union = sum(sizes) + len(wb.aux_data)
+    assert training_budget(run, "centralized")["llm_steps"] == 2 * -(-union // 4)

@@ -51,7 +51,7 @@ batch_size = 4
 client_lr = 0.01
 
 [distill]
-steps = 3
+epochs = 1.5
 batch_size = 4
 llm_lr = 0.01
 slm_lr = 0.01

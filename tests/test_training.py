@@ -21,13 +21,13 @@ def _kl_f_g(wb, n_batches=3) -> float:
 def test_lambda_zero_server_step_is_plain_sft(make_workbench):
     wb = make_workbench()
     d = wb.cfg.distill
-    mutual_distill(wb.llm, wb.slm, wb.aux_data, d.steps, 0.0, 1.0, "forward", 0, d.llm_lr, d.slm_lr, 4, seed=5)
+    mutual_distill(wb.llm, wb.slm, wb.aux_data, d.steps(len(wb.aux_data)), 0.0, 1.0, "forward", 0, d.llm_lr, d.slm_lr, 4, seed=5)
     after_kd = adapter_state(wb.llm), adapter_state(wb.slm)
 
     load_adapter_state(wb.llm, wb.llm_init)
     load_adapter_state(wb.slm, wb.slm_init)
-    sft_steps(wb.llm, wb.aux_data, d.steps, d.llm_lr, 4, seed=5)
-    sft_steps(wb.slm, wb.aux_data, d.steps, d.slm_lr, 4, seed=5)
+    sft_steps(wb.llm, wb.aux_data, d.steps(len(wb.aux_data)), d.llm_lr, 4, seed=5)
+    sft_steps(wb.slm, wb.aux_data, d.steps(len(wb.aux_data)), d.slm_lr, 4, seed=5)
     for kd, sft in zip(after_kd, (adapter_state(wb.llm), adapter_state(wb.slm))):
         for key in kd:
             torch.testing.assert_close(kd[key], sft[key], rtol=1e-5, atol=1e-6)

@@ -93,15 +93,15 @@ def _run_all(wb, run, transport=None) -> dict:
         "bytes_down_per_round": fed_metrics[-1].get("bytes_down", 0) if fed_metrics else blob * cfg.federation.clients,
     }
     extra_timing = {}
-    if "fedcollm" in cfg.run.methods and cfg.distill.steps:
+    if "fedcollm" in cfg.run.methods and cfg.distill.steps(len(wb.aux_data)):
         seed = unit_seed(cfg.run.seed, 1, -1)
-        steps = min(cfg.distill.steps, 5)
+        steps = min(cfg.distill.steps(len(wb.aux_data)), 5)
         extra_timing = {"fwd_bwd_f_s": time_fwd_bwd(wb.llm, wb.aux_data, cfg.distill.batch_size, steps, seed),
                         "fwd_bwd_g_s": time_fwd_bwd(wb.slm, wb.aux_data, cfg.distill.batch_size, steps, seed)}
     setting = {"llm": cfg.model.llm, "slm": cfg.model.slm, "clients": cfg.federation.clients,
                "rounds": cfg.federation.rounds, "limit": cfg.data.eval_limit, "curve_items": curve_items(cfg),
                "seed": cfg.run.seed, "data_dir": cfg.data.data_dir or "bundled",
-               "local_epochs": cfg.federation.local_epochs, "distill_steps": cfg.distill.steps,
+               "local_epochs": cfg.federation.local_epochs, "distill_epochs": cfg.distill.epochs,
                "kd_weight": cfg.distill.kd_weight, "kl_direction": cfg.distill.kl_direction,
                "partition": cfg.data.partition, "train_per_task": cfg.data.train_per_task,
                "client_examples": [len(c) for c in wb.split.clients], "aux_examples": len(wb.split.aux),
@@ -143,7 +143,7 @@ def cmd_derive(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from fedcollm.data.tasks import load_eval_split
+    from fedcollm.data.tasks import load_scored_split
     from fedcollm.evaluate import evaluate_tasks
     from fedcollm.models.derive import resolve_model_dir
     from fedcollm.models.loading import (
@@ -154,7 +154,7 @@ def cmd_eval(args) -> None:
     )
 
     cfg = load_config(args.config, args.set, args.limit)
-    sets = {t: load_eval_split(t, spec, cfg.data.data_dir, cfg.data.eval_limit) for t, spec in cfg.task_specs().items()}
+    sets = {t: load_scored_split(t, spec, cfg.data) for t, spec in cfg.task_specs().items()}
     device = resolve_device(cfg.model.device)
     model_dir = resolve_model_dir(args.model, cfg.derive, cfg.data.data_dir)
     model = load_model(model_dir, resolve_dtype(cfg.model.dtype, device), device)

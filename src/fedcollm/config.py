@@ -77,6 +77,10 @@ class TaskConfig:
     """Split whose rows are federated (client shards + D^a); unset = evaluation-only task."""
     eval_split: str = "test"
     """Split scored for every reported accuracy."""
+    validation_split: str | None = None
+    """Split scored instead when data.scored = "validation" (choosing hyperparameters without the test items)."""
+    validation_holdout: int = 0
+    """For a task without a separate validation split: its last N train rows are the validation set and are never trained on, in any run."""
     context: str = "Question: {question}\nAnswer:"
     """Prompt before each choice; {name} is replaced by the row's field `name` (any string field)."""
     continuation: str = " {choice}"
@@ -103,6 +107,14 @@ class TaskConfig:
         _check("choice" not in ctx, f"{where}.context", "must not use {choice}: each choice goes in the continuation")
         _check(cont.count("choice") == 1, f"{where}.continuation", "must contain {choice} exactly once")
         _check(self.duplicate_choices in ("error", "warn"), f"{where}.duplicate_choices", "error or warn")
+        _check(self.validation_holdout >= 0, f"{where}.validation_holdout", "must be >= 0")
+        _check(not (self.validation_split and self.validation_holdout), f"{where}.validation_holdout",
+               "set either validation_split or validation_holdout, not both")
+        _check(self.validation_holdout == 0 or self.train_split is not None, f"{where}.validation_holdout",
+               "needs a train_split to hold rows out of")
+        _check(self.validation_split is None or self.validation_split not in (self.eval_split, self.train_split),
+               f"{where}.validation_split",
+               "must differ from train_split and eval_split: validation items are neither trained on nor reported")
         _check(self.subset is None or self.path.startswith("hf:"), f"{where}.subset", "applies only to hf: sources")
 
     @property
@@ -186,6 +198,8 @@ class DataConfig:
     """Share of the train pool held by the server as auxiliary data D^a (0.2 = equal 5-way split with 4 clients)."""
     eval_limit: int | None = None
     """Evaluate on the first N items of each task's eval split; None = all. Printed beside every figure."""
+    scored: str = "eval"
+    """Which split every accuracy is read on: eval (each task's eval_split) or validation (its validation split or holdout, for tuning)."""
 
     def __post_init__(self) -> None:
         _check(len(self.tasks) > 0, "data.tasks", "must name at least one task")
@@ -196,6 +210,7 @@ class DataConfig:
         _check(0.0 < self.aux_fraction < 1.0, "data.aux_fraction", "must be in (0, 1)")
         _check(self.train_per_task is None or self.train_per_task > 0, "data.train_per_task", "must be > 0 (or none)")
         _check(self.eval_limit is None or self.eval_limit > 0, "data.eval_limit", "must be > 0 (or none for all)")
+        _check(self.scored in ("eval", "validation"), "data.scored", "eval or validation")
 
 
 @dataclass
@@ -237,8 +252,10 @@ class FederationConfig:
 
 @dataclass
 class DistillConfig:
-    steps: int = 8
-    """R: mutual-distillation steps on D^a per round (each step: one batch, both models updated)."""
+    epochs: float = 1.0
+    """Epochs over D^a of server mutual distillation per round, fractions allowed: ceil(epochs * |D^a| /
+    batch_size) steps, each one batch with both models updated. A budget in epochs, not steps, so that the server
+    can be given as many passes over D^a as Centralized gets over its data."""
     kd_weight: float = 1.0
     """lambda: weight of the KL term beside the CE term in L^f and L^g."""
     temperature: float = 1.0
@@ -255,7 +272,7 @@ class DistillConfig:
     """Auxiliary examples per distillation step."""
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 0, "distill.steps", "must be >= 0")
+        _check(self.epochs >= 0, "distill.epochs", "must be >= 0")
         _check(self.kd_weight >= 0, "distill.kd_weight", "must be >= 0")
         _check(self.temperature > 0, "distill.temperature", "must be > 0")
         _check(self.kl_direction in ("forward", "reverse"), "distill.kl_direction", "forward or reverse")
@@ -263,6 +280,10 @@ class DistillConfig:
         _check(self.llm_lr > 0, "distill.llm_lr", "must be > 0")
         _check(self.slm_lr > 0, "distill.slm_lr", "must be > 0")
         _check(self.batch_size >= 1, "distill.batch_size", "must be >= 1")
+
+    def steps(self, aux_examples: int) -> int:
+        """Optimizer steps of one round's distillation over `aux_examples` examples."""
+        return math.ceil(self.epochs * aux_examples / self.batch_size - 1e-9)
 
 
 @dataclass

@@ -86,23 +86,29 @@ def choice_length(continuation: str) -> int:
     return max(1, len(continuation.removeprefix(" ")))
 
 
-def accuracy(examples: list[MCExample], scores: list[list[float]]) -> dict[str, float]:
-    correct = correct_norm = 0
+def accuracy(examples: list[MCExample], scores: list[list[float]], items: bool = False) -> dict:
+    """acc and acc_norm; with `items`, also which items each got right, as strings of 0/1 in evaluation order
+    ("correct", "correct_norm"), what a paired bootstrap over items needs."""
+    correct, correct_norm = [], []
     for ex, sc in zip(examples, scores):
         norm = [s / choice_length(ex.continuations[c]) for c, s in enumerate(sc)]
-        correct += max(range(len(sc)), key=sc.__getitem__) == ex.answer
-        correct_norm += max(range(len(norm)), key=norm.__getitem__) == ex.answer
+        correct.append(max(range(len(sc)), key=sc.__getitem__) == ex.answer)
+        correct_norm.append(max(range(len(norm)), key=norm.__getitem__) == ex.answer)
     n = len(examples)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
+    out = {"acc": sum(correct) / n, "acc_norm": sum(correct_norm) / n, "n": n}
+    if items:
+        out |= {"correct": "".join("01"[c] for c in correct), "correct_norm": "".join("01"[c] for c in correct_norm)}
+    return out
 
 
 def evaluate_tasks(model, tokenizer, tasks: dict[str, list[MCExample]], max_length: int, batch_size: int,
                    label: str = "", curve_items: int | None = None) -> dict[str, dict]:
-    """Accuracy per task, and under "curve" the accuracy on its first `curve_items` items (None = all), so every
-    point of a per-round curve is read on the same items (evaluation sets are prefixes of a split)."""
+    """Accuracy per task with the items it got right, and under "curve" the accuracy on its first `curve_items`
+    items (None = all), so every point of a per-round curve is read on the same items (evaluation sets are
+    prefixes of a split)."""
     out = {}
     for task, exs in tasks.items():
         scores = choice_logprobs(model, tokenizer, exs, max_length, batch_size, f"eval {label} {task}")
-        out[task] = accuracy(exs, scores)
+        out[task] = accuracy(exs, scores, items=True)
         out[task]["curve"] = accuracy(exs[:curve_items], scores[:curve_items])
     return out

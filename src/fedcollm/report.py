@@ -42,9 +42,18 @@ def build_results(run: RunDir, setting: dict, communication: dict, extra_timing:
     any_final = next(iter(finals.values()), {})
     any_block = next(iter(any_final.values()), {}) if any_final else {}
     results["n_eval"] = {t: any_block[t]["n"] for t in tasks if t in any_block}
+    results["budget"] = {m: training_budget(run, m) for m in finals}
     results["communication"] = communication
     results["timing"] = round_timing(run, "fedcollm" if "fedcollm" in finals else None) | (extra_timing or {})
     return results
+
+
+def training_budget(run: RunDir, method: str) -> dict[str, int]:
+    """Optimizer steps and examples each model trained on over the whole run (the rounds' "budget" fields);
+    examples_seen adds both models' examples."""
+    keys = ("llm_steps", "slm_steps", "llm_examples", "slm_examples")
+    total = {k: sum(r.get("budget", {}).get(k, 0) for r in run.read_metrics(method)) for k in keys}
+    return total | {"examples_seen": total["llm_examples"] + total["slm_examples"]}
 
 
 def round_timing(run: RunDir, method: str | None) -> dict:

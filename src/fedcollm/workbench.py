@@ -15,7 +15,7 @@ import torch
 from fedcollm.config import Config
 from fedcollm.data.batching import SFTData
 from fedcollm.data.partition import FederatedSplit, load_train_pool, partition
-from fedcollm.data.tasks import MCExample, load_eval_split
+from fedcollm.data.tasks import MCExample, load_scored_split
 from fedcollm.errors import ModelError
 from fedcollm.models.lora import AdapterState, adapter_state, add_lora
 
@@ -28,7 +28,7 @@ def load_data(cfg: Config) -> tuple[FederatedSplit, dict[str, list[MCExample]]]:
     seed = cfg.run.seed
     split = partition(load_train_pool(specs, cfg.data, seed), cfg.federation.clients, cfg.data, seed)
     log.info("%s", split.describe())
-    eval_sets = {t: load_eval_split(t, spec, cfg.data.data_dir, cfg.data.eval_limit) for t, spec in specs.items()}
+    eval_sets = {t: load_scored_split(t, spec, cfg.data) for t, spec in specs.items()}
     return split, eval_sets
 
 

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-from fedcollm.config import TaskConfig
+from fedcollm.config import DataConfig, TaskConfig
 from fedcollm.errors import DataError
 from fedcollm.fileio import read_bytes
 
@@ -204,15 +204,40 @@ def load_split(name: str, spec: TaskConfig, split: str, data_dir: str | None) ->
     return examples
 
 
-def load_train_split(name: str, spec: TaskConfig, data_dir: str | None) -> list[MCExample]:
+def _train_rows(name: str, spec: TaskConfig, data_dir: str | None) -> list[MCExample]:
     if spec.train_split is None:
         raise DataError(f"task {name!r} has no train split (evaluation-only); set tasks.{name}.train_split")
-    return load_split(name, spec, spec.train_split, data_dir)
+    rows = load_split(name, spec, spec.train_split, data_dir)
+    if spec.validation_holdout >= len(rows):
+        raise DataError(f"task {name!r}: tasks.{name}.validation_holdout = {spec.validation_holdout} holds out every "
+                        f"one of the {len(rows)} rows of split {spec.train_split!r}")
+    return rows
+
+
+def load_train_split(name: str, spec: TaskConfig, data_dir: str | None) -> list[MCExample]:
+    """The rows that may be trained on: the train split less its validation holdout."""
+    rows = _train_rows(name, spec, data_dir)
+    return rows[:len(rows) - spec.validation_holdout]
 
 
 def load_eval_split(name: str, spec: TaskConfig, data_dir: str | None, limit: int | None = None) -> list[MCExample]:
     examples = load_split(name, spec, spec.eval_split, data_dir)
     return examples if limit is None else examples[:limit]
+
+
+def load_scored_split(name: str, spec: TaskConfig, data: DataConfig) -> list[MCExample]:
+    """The items every accuracy is read on: the eval split, or with data.scored = "validation" the validation
+    split or holdout; the first data.eval_limit of them."""
+    if data.scored == "eval":
+        return load_eval_split(name, spec, data.data_dir, data.eval_limit)
+    if spec.validation_split:
+        examples = load_split(name, spec, spec.validation_split, data.data_dir)
+    elif spec.validation_holdout:
+        examples = _train_rows(name, spec, data.data_dir)[-spec.validation_holdout:]
+    else:
+        raise DataError(f"task {name!r} has no validation data for data.scored = \"validation\": set "
+                        f"tasks.{name}.validation_split or tasks.{name}.validation_holdout")
+    return examples if data.eval_limit is None else examples[:data.eval_limit]
 
 
 def load_alpaca_texts(data_dir: str | None) -> list[str]:

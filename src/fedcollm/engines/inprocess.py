@@ -10,6 +10,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import asdict
 from typing import Protocol
 
 from fedcollm.aggregate import validate_update
@@ -17,7 +18,7 @@ from fedcollm.algorithms.training import unit_seed
 from fedcollm.comm import Payload, pack, unpack
 from fedcollm.errors import FederationError, InvalidUpdate
 from fedcollm.methods import METHOD_CLASSES, Method
-from fedcollm.methods.base import ClientResources, States, curve_items
+from fedcollm.methods.base import Budget, ClientResources, States, curve_items
 from fedcollm.privacy import add_noise, clip_change, epsilon
 from fedcollm.runs import RunDir
 from fedcollm.workbench import Workbench
@@ -121,6 +122,7 @@ def run_method(wb: Workbench, name: str, run: RunDir, transport: Transport | Non
         record: dict = {"round": r, "method": name}
         states = _client_phase(method, transport, states, r, timing, record)
         states, info, server_timing = method.server_update(states, r)
+        record["budget"] = asdict(record.pop("budget", Budget()) + info.pop("budget", Budget()))
         record.update(info)
         timing.update(server_timing)
         if _eval_due(cfg, r):
@@ -169,6 +171,7 @@ def _client_phase(method: Method, transport: Transport, states: States, r: int, 
             accepted[name] = method.check_reply(tasks[name], reply, name)
         except InvalidUpdate as err:
             log.warning("round %d: rejected update: %s", r, err)
+    record["budget"] = sum((method.client_budget(tasks[name], n) for name, (_, n) in accepted.items()), Budget())
     dp = method.wb.cfg.dp
     private = dp.noise_multiplier > 0 and method.shared is not None
     if private:  # clipped changes, equal weights: what the Gaussian mechanism's sensitivity assumes
@@ -217,6 +220,7 @@ def _secure_client_phase(method: Method, transport: Transport, states: States, t
                     "the adapters are kept", r, len(contributors), fed.min_fit_clients)
         return states
     states = method.aggregate(states, {"secure aggregate": (average.tensors, average.num_examples)}, r)
+    record["budget"] = method.client_budget(first, average.num_examples)  # from the summed count: approximate
     if dp.noise_multiplier > 0 and method.shared is not None:
         states = _add_dp_noise(method, states, len(tasks), r)
         record["dp_epsilon"] = epsilon(r, dp.noise_multiplier, len(tasks), len(transport.client_names), dp.delta)

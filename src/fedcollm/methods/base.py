@@ -6,7 +6,7 @@ they never ask which method they run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import ClassVar
 
 import torch
@@ -49,6 +49,20 @@ def mean_over_clients(per_client: list[dict]) -> dict:
 
     return {t: mean([c[t] for c in per_client]) | {"curve": mean([c[t]["curve"] for c in per_client])}
             for t in per_client[0]}
+
+
+@dataclass
+class Budget:
+    """Optimizer steps and training examples (an example seen twice counts twice) of each model, so that methods
+    are compared at stated budgets. SLM counts add up every client's and the server's training of an SLM."""
+
+    llm_steps: int = 0
+    slm_steps: int = 0
+    llm_examples: int = 0
+    slm_examples: int = 0
+
+    def __add__(self, other: "Budget") -> "Budget":
+        return Budget(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 @dataclass
@@ -104,12 +118,20 @@ class Method:
         return bound_update(reply.tensors, task.tensors, reply.num_examples, client, fed.max_examples,
                             fed.max_update_ratio, fed.norm_action)
 
+    def client_budget(self, task: Payload, num_examples: int) -> Budget:
+        """The optimizer steps and examples of one client's training on `task`, counted by the server from the
+        reply's example count (it never sees the training). Default: E local epochs of SFT."""
+        fed = self.wb.cfg.federation
+        return Budget(slm_steps=fed.local_epochs * -(-num_examples // fed.batch_size),
+                      slm_examples=fed.local_epochs * num_examples)
+
     def aggregate(self, states: States, updates: Updates, r: int) -> States:
         """Combine the accepted uploads of round `r` (already decoded and validated one by one)."""
         return states
 
     def server_update(self, states: States, r: int) -> tuple[States, dict, dict]:
-        """What the server computes after aggregation: (new states, record fields, timing in seconds)."""
+        """What the server computes after aggregation: (new states, record fields, timing in seconds). The record
+        fields carry the server's own training under "budget" (a Budget)."""
         return states, {}, {}
 
     def evaluate(self, states: States, limit: int | None, r: int) -> dict:

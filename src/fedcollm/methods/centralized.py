@@ -6,7 +6,7 @@ from functools import cached_property
 
 from fedcollm.algorithms.training import sft_steps, unit_seed
 from fedcollm.data.batching import SFTData
-from fedcollm.methods.base import Method, States
+from fedcollm.methods.base import Budget, Method, States
 from fedcollm.models.lora import adapter_state, load_adapter_state
 
 
@@ -28,4 +28,8 @@ class Centralized(Method):
         load_adapter_state(wb.llm, states["llm"])
         log = sft_steps(wb.llm, union, fed.local_epochs * union.steps_per_epoch(fed.batch_size), fed.client_lr,
                         fed.batch_size, unit_seed(wb.cfg.run.seed, r, -1), f"centralized LLM SFT r{r}")
-        return states | {"llm": adapter_state(wb.llm)}, {"train_loss": log.mean_loss}, {"server_train_s": log.seconds}
+        steps = len(log.losses)
+        return (states | {"llm": adapter_state(wb.llm)},
+                {"train_loss": log.mean_loss,
+                 "budget": Budget(llm_steps=steps, llm_examples=steps * fed.batch_size)},
+                {"server_train_s": log.seconds})

@@ -8,6 +8,7 @@ from fedcollm.aggregate import fedavg
 from fedcollm.algorithms.training import mutual_distill, unit_seed
 from fedcollm.errors import ModelError
 from fedcollm.methods.base import (
+    Budget,
     Method,
     States,
     Updates,
@@ -83,13 +84,16 @@ class FedCoLLM(FedAvg):
 
     def server_update(self, states: States, r: int) -> tuple[States, dict, dict]:
         wb, d = self.wb, self.wb.cfg.distill
-        if not d.steps:
+        steps = d.steps(len(wb.aux_data))
+        if not steps:
             return states, {}, {}
         load_adapter_state(wb.llm, states["llm"])
         load_adapter_state(wb.slm, states["slm"])
-        kd = mutual_distill(wb.llm, wb.slm, wb.aux_data, d.steps, d.kd_weight, d.temperature, d.kl_direction,
+        kd = mutual_distill(wb.llm, wb.slm, wb.aux_data, steps, d.kd_weight, d.temperature, d.kl_direction,
                             d.top_k, d.llm_lr, d.slm_lr, d.batch_size, unit_seed(wb.cfg.run.seed, r, -1))
         warm = kd.step_seconds[1:] or kd.step_seconds  # the first step pays one-off allocation costs
         return (states | {"llm": adapter_state(wb.llm), "slm": adapter_state(wb.slm)},
-                {"kd_first": kd.stats[0], "kd_last": kd.stats[-1]},
+                {"kd_first": kd.stats[0], "kd_last": kd.stats[-1],
+                 "budget": Budget(llm_steps=steps, slm_steps=steps, llm_examples=steps * d.batch_size,
+                                  slm_examples=steps * d.batch_size)},
                 {"server_kd_s": kd.seconds, "kd_step_s": sum(warm) / len(warm)})

@@ -45,6 +45,7 @@ from fedcollm.config import FedMKTConfig
 from fedcollm.data.batching import SFTData
 from fedcollm.errors import InvalidUpdate
 from fedcollm.methods.base import (
+    Budget,
     ClientResources,
     Method,
     States,
@@ -177,6 +178,15 @@ class FedMKT(Method):
         top = public_topk(res.slm, res.public, mkt.top_k, len(res.tokenizer), mkt.batch_size)
         return Payload(theta | to_tensors(top), n)
 
+    def client_budget(self, task: Payload, num_examples: int) -> Budget:
+        """SFT on the shard, plus distillation on D^a in the rounds whose task carries the LLM's top-k."""
+        budget = super().client_budget(task, num_examples)
+        if self.mkt.slm_epochs and any(k.startswith(PREFIX) for k in task.tensors):
+            public = len(self.wb.aux_data)
+            budget += Budget(slm_steps=self.mkt.slm_epochs * -(-public // self.mkt.batch_size),
+                             slm_examples=self.mkt.slm_epochs * public)
+        return budget
+
     def check_reply(self, task: Payload, reply: Payload, client: str) -> tuple[AdapterState, int]:
         """The adapter as any adapter upload (shape, finite, robustness policy), plus a top-k that covers D^a
         with ids in the client's vocabulary."""
@@ -208,7 +218,9 @@ class FedMKT(Method):
         states = states | {"llm": adapter_state(wb.llm)}
         t0 = time.perf_counter()
         self._llm_topk(states)  # what the next round's tasks carry
-        return (states, info | {"teachers": len(teachers), "kd_first": steps.losses[0], "kd_last": steps.losses[-1]},
+        budget = Budget(llm_steps=len(steps.losses), llm_examples=mkt.llm_epochs * len(wb.aux_data))
+        return (states, info | {"teachers": len(teachers), "kd_first": steps.losses[0], "kd_last": steps.losses[-1],
+                                "budget": budget},
                 {"server_kd_s": steps.seconds, "server_topk_s": time.perf_counter() - t0})
 
     def evaluate(self, states: States, limit: int | None, r: int) -> dict:

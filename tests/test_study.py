@@ -1,0 +1,107 @@
+"""benchmarks/study.py on tiny models: tuning on validation items, finals per seed, pieces that resume, and a
+results.json in the schema issue 8 asks for."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def study(tiny_build, tmp_path, data_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("study")
+    (tmp_path / "base.toml").write_text(f"""
+[model]
+dtype = "fp32"
+device = "cpu"
+max_length = 64
+lora = {{ r = 4, alpha = 8, dropout = 0.0 }}
+[data]
+data_dir = "{data_dir}"
+tasks = ["arc_easy"]
+train_per_task = 40
+eval_limit = 8
+[federation]
+clients = 2
+rounds = 2
+batch_size = 4
+[distill]
+batch_size = 4
+[run]
+eval_batch_size = 16
+round_eval_limit = 4
+""")
+    (tmp_path / "plan.toml").write_text("""
+config = "base.toml"
+results = "results"
+runs = "runs"
+methods = ["zero_shot", "standalone", "fedavg", "fedcollm", "centralized"]
+seeds = [0, 1]
+tune_eval_limit = 6
+resamples = 200
+[select_by]
+standalone = ["slm"]
+fedavg = ["slm"]
+fedcollm = ["llm", "slm"]
+centralized = ["llm"]
+[search]
+standalone = [{ "federation.client_lr" = 1e-3 }, { "federation.client_lr" = 3e-2 }]
+fedavg = [{ "federation.client_lr" = 1e-3 }, { "federation.client_lr" = 3e-2 }]
+fedcollm = [{ "distill.kd_weight" = 1.0 }, { "distill.kd_weight" = 0.1 }]
+centralized = [{ "federation.client_lr" = 1e-3 }, { "federation.client_lr" = 3e-2 }]
+[inherit]
+fedcollm = { "federation.client_lr" = "fedavg" }
+[claims]
+pairs = [["slm", "fedcollm", "fedavg"], ["llm", "fedcollm", "centralized"], ["slm", "standalone", "zero_shot"]]
+""")
+    yield module, tmp_path
+    sys.modules.pop("study", None)
+
+
+def test_a_piece_stops_at_its_budget_and_the_next_one_goes_on_without_redoing_units(study, capsys):
+    module, root = study
+    module.main(["run", "--plan", str(root / "plan.toml"), "--hours", "1e-9"])
+    done = sorted((root / "results" / "units").glob("*.json"))
+    assert [p.name for p in done] == ["tune-zero_shot-s0.json"]  # one unit, then the budget is spent
+    first = done[0].stat().st_mtime_ns
+    module.main(["run", "--plan", str(root / "plan.toml"), "--hours", "10"])
+    assert done[0].stat().st_mtime_ns == first
+    assert len(list((root / "results" / "units").glob("*.json"))) == 1 + 8 + 1 + 8
+    pieces = json.loads((root / "results" / "pieces.json").read_text())
+    assert [len(p["units"]) for p in pieces] == [1, 17] and all("cpu" in p for p in pieces)
+
+    res = json.loads((root / "results" / "results.json").read_text())
+    assert set(res) >= {"setting", "tasks", "llm", "slm", "claims", "budget", "hparams"}
+    assert set(res["setting"]) >= {"seeds", "train_per_task", "rounds", "piece_hours", "cpu", "dtype"}
+    assert res["setting"]["seeds"] == [0, 1] and len(res["setting"]["piece_hours"]) == 2
+    assert set(res["slm"]) == {"zero_shot", "standalone", "fedavg", "fedcollm"}
+    assert set(res["llm"]) == {"zero_shot", "fedcollm", "centralized"}
+    cell = res["slm"]["fedavg"]["arc_easy"]
+    assert set(cell) >= {"mean", "std", "ci95", "n"} and cell["n"] == 8 and cell["seeds"] == 2
+    assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
+    assert {(c["a"], c["b"]) for c in res["claims"]} == {("fedcollm", "fedavg"), ("fedcollm", "centralized"),
+                                                        ("standalone", "zero_shot")}
+    assert all(set(c) >= {"claim", "a", "b", "task", "diff", "ci95", "significant"} for c in res["claims"])
+    chosen = res["hparams"]["chosen"]
+    # FedCoLLM's clients train as FedAvg's: it takes FedAvg's chosen learning rate and tunes only its own knob
+    assert chosen["fedcollm"]["overrides"]["federation.client_lr"] == chosen["fedavg"]["overrides"][
+        "federation.client_lr"]
+    assert res["budget"]["fedcollm"]["llm_steps"] > 0 and res["budget"]["fedavg"]["llm_steps"] == 0
+    assert "Table 2" in (root / "results" / "results.md").read_text()
+
+
+def test_tuning_units_are_scored_on_validation_items_and_finals_on_the_test_items(study):
+    module, root = study
+    plan = module.Plan.load(root / "plan.toml")
+    tune = module.unit_config(plan, module.Unit("tune", "fedavg", 0, 1), {"federation.client_lr": 0.03})
+    final = module.unit_config(plan, module.Unit("final", "fedavg", 1), {"federation.client_lr": 0.03})
+    assert (tune.data.scored, tune.data.eval_limit, tune.federation.client_lr) == ("validation", 6, 0.03)
+    assert (final.data.scored, final.data.eval_limit, final.run.seed) == ("eval", 8, 1)
+    assert module.overrides_of(plan, module.Unit("final", "fedavg", 0)) is None  # its tuning has not run
