@@ -297,17 +297,46 @@ def test_averaging_methods_refuse_clients_of_other_models():
     assert same.client_models() == ["a", "a"]
 
 
-def test_fedcollm_refuses_an_slm_with_another_vocabulary(data_dir, tokenizer, client_tokenizers, tmp_path):
+def _hetero_fedcollm_workbench(data_dir, tokenizer, other, tmp_path, **distill):
     from conftest import tiny_config
 
-    from fedcollm.errors import ModelError
-    from fedcollm.methods import METHOD_CLASSES
     from fedcollm.models.tiny import tiny_llama
     from fedcollm.workbench import Workbench
 
-    other = client_tokenizers[0]
-    wb = Workbench.from_models(tiny_config(data_dir, str(tmp_path)), tiny_llama(), tiny_llama(vocab=len(other)),
-                               tokenizer, slm_tokenizer=other)
-    with pytest.raises(ModelError, match="one vocabulary"):
-        METHOD_CLASSES["fedcollm"](wb)
-    assert FedMKT(wb).initial_states(["client_0"])["client_0"] is wb.slm_init  # fedmkt takes the pair
+    cfg = tiny_config(data_dir, str(tmp_path), distill={"top_k": 8, **distill})
+    return Workbench.from_models(cfg, tiny_llama(), tiny_llama(vocab=len(other)), tokenizer, slm_tokenizer=other)
+
+
+def test_heterogeneous_fedcollm_distils_both_models_through_the_alignment(data_dir, tokenizer, client_tokenizers,
+                                                                         tmp_path):
+    """LLM (512 ids) and SLM (300 ids) with different tokenizers: FedCoLLM's server phase moves each model's
+    top-k onto the other's tokens and trains both; the record shows how much of D^a aligned, and the budget."""
+    from fedcollm.engines.inprocess import run_method
+    from fedcollm.runs import RunDir
+
+    wb = _hetero_fedcollm_workbench(data_dir, tokenizer, client_tokenizers[0], tmp_path)
+    run_method(wb, "fedcollm", RunDir(tmp_path))
+    records = RunDir(tmp_path).read_metrics("fedcollm")
+    assert all(0 < r["aligned_fraction"][m] <= 1 for r in records for m in ("llm", "slm"))
+    assert len(wb.aux_data) == 8
+    assert [r["budget"]["llm_steps"] for r in records] == [3, 3]  # 1.5 epochs: 2 batches of 4, then 1
+    final = RunDir(tmp_path).load_round("fedcollm", 2, {"llm": None, "slm": None})
+    for which, init in (("llm", wb.llm_init), ("slm", wb.slm_init)):
+        assert any(not torch.equal(final[which][k], init[k]) for k in init)
+
+
+def test_heterogeneous_fedcollm_at_lambda_zero_is_plain_fine_tuning_on_the_public_set(data_dir, tokenizer,
+                                                                                     client_tokenizers, tmp_path):
+    from fedcollm.algorithms.training import distill_steps, unit_seed
+    from fedcollm.methods import METHOD_CLASSES
+    from fedcollm.models.lora import adapter_state, load_adapter_state
+
+    wb = _hetero_fedcollm_workbench(data_dir, tokenizer, client_tokenizers[0], tmp_path, kd_weight=0.0)
+    states, _, _ = METHOD_CLASSES["fedcollm"](wb).server_update({"llm": wb.llm_init, "slm": wb.slm_init}, 1)
+    slm, d = wb.held("slm"), wb.cfg.distill
+    load_adapter_state(slm.model, wb.slm_init)
+    distill_steps(slm.model, slm.public, [None] * len(slm.public), d.epochs, d.slm_lr, d.batch_size, 0.0,
+                  unit_seed(wb.cfg.run.seed, 1, -1))
+    plain = adapter_state(slm.model)
+    for key in plain:
+        torch.testing.assert_close(states["slm"][key], plain[key])

@@ -166,3 +166,68 @@ def test_secagg_server_holds_only_the_average_and_matches_inprocess_within_quant
     error = _relative_l2(ours["slm"], theirs["slm"])
     (root / "secagg_rel_error.json").write_text(json.dumps({"slm_rel_l2_after_2_rounds": error}))
     assert 0 < error < 1e-4, error
+
+
+def test_fedmkt_with_clients_of_other_vocabularies_on_flower_equals_inprocess(tmp_path_factory, data_dir, tokenizer,
+                                                                              client_tokenizers):
+    """2 rounds of FedMKT: the LLM (512 ids) and clients on a Llama with 300 ids, a Qwen2 with 400 ids and the
+    Llama again, each process loading its own model folder; the same adapters as in one process."""
+    from conftest import hetero_models
+
+    from fedcollm.models.tiny import tiny_pair
+
+    root = tmp_path_factory.mktemp("flower-fedmkt")
+    llm, _ = tiny_pair(seed=0)
+    folders = {"llm": (llm, tokenizer)} | hetero_models(client_tokenizers)
+    for name, (model, tok) in folders.items():
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    a, b = root / "tiny-llama", root / "tiny-qwen2"
+    config = root / "fedmkt.toml"
+    config.write_text(f"""
+[model]
+llm = "{root / 'llm'}"
+slm = "{a}"
+client_slms = ["{a}", "{b}", "{a}"]
+dtype = "fp32"
+device = "cpu"
+max_length = 64
+lora = {{ r = 4, alpha = 8, dropout = 0.0 }}
+
+[data]
+data_dir = "{data_dir}"
+tasks = ["arc_easy"]
+train_per_task = 40
+eval_limit = 6
+
+[federation]
+clients = 3
+rounds = 2
+batch_size = 4
+client_lr = 0.01
+
+[fedmkt]
+top_k = 4
+batch_size = 4
+llm_lr = 0.01
+slm_lr = 0.01
+
+[run]
+methods = ["fedmkt"]
+eval_batch_size = 16
+""")
+    reference, out = root / "inprocess", root / "flower-run"
+    cli.dispatch(["run", "--config", str(config), "--out", str(reference)])
+    with LoopbackFederation(root / "deploy", nodes=3, auth=False) as fed:
+        run_id = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 120.0})
+        status = fed.wait(run_id, timeout=600)
+        assert status == "finished:completed", fed.logs(run_id)[-3000:]
+    refs = {"llm": None} | {f"client_{k}": None for k in range(3)}
+    ours = RunDir(out).load_round("fedmkt", 2, refs)
+    theirs = RunDir(reference).load_round("fedmkt", 2, refs)
+    assert all(states_equal(ours[k], theirs[k]) for k in refs)
+    metrics = RunDir(out).read_metrics("fedmkt")
+    assert [m["accepted"] for m in metrics] == [3, 3]
+    assert metrics[1]["bytes_down"] > metrics[0]["bytes_down"]  # round 2's tasks carry the LLM's top-k
+    assert json.loads((out / "results.json").read_text())["slm"] == json.loads(
+        (reference / "results.json").read_text())["slm"]

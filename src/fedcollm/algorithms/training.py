@@ -7,6 +7,8 @@ it runs in one go, after a resume, or on another engine.
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -149,10 +151,11 @@ def public_topk(model, data: SFTData, k: int, vocab: int, batch_size: int) -> To
     return TopK.from_examples(values, ids, torch.stack(ce), torch.arange(len(data.encoded)))
 
 
-def distill_steps(model, data: SFTData, targets: list[Target], epochs: int, lr: float, batch_size: int,
+def distill_steps(model, data: SFTData, targets: list[Target], epochs: float, lr: float, batch_size: int,
                   kd_weight: float, seed: int, desc: str = "distill") -> StepLog:
-    """`epochs` epochs over `data` of FedMKT's loss, (1 - w) answer CE + w soft-target CE towards each example's
-    target (`targets[i]` for example i; an example whose target is None learns from its CE alone)."""
+    """`epochs` epochs over `data` (a fraction ends part-way through an epoch) of FedMKT's loss, (1 - w) answer
+    CE + w soft-target CE towards each example's target (`targets[i]` for example i; an example whose target is
+    None learns from its CE alone)."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     opt = _adamw(model, lr)
@@ -160,9 +163,11 @@ def distill_steps(model, data: SFTData, targets: list[Target], epochs: int, lr: 
     log = StepLog()
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    with tqdm(total=epochs * data.steps_per_epoch(batch_size), desc=desc, leave=False) as bar:
-        for _ in range(epochs):
-            for idx, batch in data.indexed_batches(batch_size, gen):
+    whole = int(epochs)
+    total = whole * data.steps_per_epoch(batch_size) + math.ceil((epochs - whole) * len(data) / batch_size - 1e-9)
+    with tqdm(total=total, desc=desc, leave=False) as bar:
+        while bar.n < total:
+            for idx, batch in itertools.islice(data.indexed_batches(batch_size, gen), total - bar.n):
                 batch = batch.to(device)
                 t_ids, t_probs, t_mask = (x.to(device) for x in collate_targets([targets[i] for i in idx],
                                                                                  batch.keep))

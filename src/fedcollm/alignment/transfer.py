@@ -1,5 +1,6 @@
-"""FedMKT's per-example targets: a sender's top-k on the public set, aligned into the receiver's tokenization
-and vocabulary, chosen per example by a selection strategy, and collated onto a batch's answer rows.
+"""Per-example distillation targets across tokenizers (FedMKT, heterogeneous FedCoLLM): a sender's top-k on the
+public set, aligned into the receiver's tokenization and vocabulary, chosen per example by a selection strategy,
+and collated onto a batch's answer rows.
 
 Top-k rows exist only for answer tokens (as everywhere in fedcollm, only the answer is trained and scored):
 row r of an example predicts its r-th answer token. Pure functions on token ids, strings and tensors.
@@ -8,6 +9,7 @@ row r of an example predicts its r-th answer token. Pure functions on token ids,
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 
 import torch
 
@@ -24,10 +26,13 @@ from fedcollm.alignment.sequence import (
     map_topk_to_student,
     one_to_one,
 )
+from fedcollm.alignment.vocab import map_vocab, token_strings
+from fedcollm.data.batching import SFTData
 
 Encoded = tuple[list[int], int]  # one example as SFTData holds it: token ids, answer length
 Target = tuple[torch.Tensor, torch.Tensor] | None  # (ids [n, w], probs [n, w]) per answer row; None: no KD
 SELECTIONS = ("dual_min_ce", "greater", "weighted_mean")
+Sender = tuple[TopK, SFTData, object]  # a sender's top-k, its encoding of D^a, its tokenizer
 
 
 def answer_rows(src: Encoded, dst: Encoded, src_strings: list[str], dst_strings: list[str]) -> torch.Tensor:
@@ -124,3 +129,26 @@ def collate_targets(targets: list[Target], keep: int) -> tuple[torch.Tensor, tor
         n, w = t[0].shape
         ids[i, keep - n:, :w], probs[i, keep - n:, :w], mask[i, keep - n:] = t[0], t[1], 1.0
     return ids, probs, mask
+
+
+def vocab_ids(src_tokenizer, dst_tokenizer) -> torch.Tensor:
+    """Source token id -> destination token id: the identity for one vocabulary, else the vocabulary map."""
+    if src_tokenizer is dst_tokenizer or src_tokenizer.get_vocab() == dst_tokenizer.get_vocab():
+        return torch.arange(len(src_tokenizer))
+    return map_vocab(src_tokenizer, dst_tokenizer).ids
+
+
+@lru_cache(maxsize=32)
+def _bridge(src_tokenizer, dst_tokenizer) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The vocabulary map and both surface vocabularies of a tokenizer pair: built once a process (every round
+    and every client of a model reuses them; `map_vocab` also caches on disk)."""
+    return vocab_ids(src_tokenizer, dst_tokenizer), token_strings(src_tokenizer), token_strings(dst_tokenizer)
+
+
+def moved(sender: Sender, dst: SFTData, dst_tokenizer) -> TopK:
+    """A sender's top-k on D^a, on the receiver's answer rows and in its vocabulary (itself for one tokenizer)."""
+    top, src, src_tokenizer = sender
+    if src_tokenizer is dst_tokenizer:
+        return top
+    id_map, src_strings, dst_strings = _bridge(src_tokenizer, dst_tokenizer)
+    return realign(top, src.encoded, dst.encoded, src_strings, dst_strings, id_map)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import logging
 
 from fedcollm.aggregate import fedavg
-from fedcollm.algorithms.training import mutual_distill, unit_seed
+from fedcollm.algorithms.training import (
+    distill_steps,
+    mutual_distill,
+    public_topk,
+    unit_seed,
+)
+from fedcollm.alignment.sequence import aligned_fraction
+from fedcollm.alignment.transfer import moved, row_targets
 from fedcollm.errors import ModelError
 from fedcollm.methods.base import (
     Budget,
@@ -68,7 +75,9 @@ class FedAvg(Method):
 
 
 class FedCoLLM(FedAvg):
-    """FedAvg, then R steps of mutual knowledge distillation between the LLM and the SLM on D^a (Eq. 3-6)."""
+    """FedAvg, then mutual knowledge distillation between the LLM and the SLM on D^a (Eq. 3-6), for
+    distill.epochs epochs a round. Where the two vocabularies differ (heterogeneous FedCoLLM), each model's
+    distribution reaches the other through FedMKT's alignment (see `aligned_server_update`)."""
 
     name = "fedcollm"
     scores = ("llm", "slm")
@@ -76,11 +85,11 @@ class FedCoLLM(FedAvg):
     def __init__(self, wb: Workbench):
         super().__init__(wb)
         slm = wb.held("slm")
-        if slm.tokenizer is not wb.tokenizer or wb.llm.config.vocab_size != slm.model.config.vocab_size:
-            raise ModelError(f"fedcollm distils LLM and SLM on one encoding of D^a, so it needs one vocabulary, but "
-                             f"LLM {wb.llm_name or wb.cfg.model.llm} ({wb.llm.config.vocab_size} ids) and SLM "
-                             f"{wb.slm_name or wb.cfg.model.slm} ({slm.model.config.vocab_size} ids) use different "
-                             f"tokenizers: run fedmkt for that pair")
+        self.aligned = slm.tokenizer is not wb.tokenizer
+        if not self.aligned and wb.llm.config.vocab_size != slm.model.config.vocab_size:
+            raise ModelError(f"LLM {wb.llm_name or wb.cfg.model.llm} ({wb.llm.config.vocab_size} ids) and SLM "
+                             f"{wb.slm_name or wb.cfg.model.slm} ({slm.model.config.vocab_size} ids) share a "
+                             f"tokenizer but not an output size")
 
     def server_update(self, states: States, r: int) -> tuple[States, dict, dict]:
         wb, d = self.wb, self.wb.cfg.distill
@@ -89,6 +98,8 @@ class FedCoLLM(FedAvg):
             return states, {}, {}
         load_adapter_state(wb.llm, states["llm"])
         load_adapter_state(wb.slm, states["slm"])
+        if self.aligned:
+            return self.aligned_server_update(states, r)
         kd = mutual_distill(wb.llm, wb.slm, wb.aux_data, steps, d.kd_weight, d.temperature, d.kl_direction,
                             d.top_k, d.llm_lr, d.slm_lr, d.batch_size, unit_seed(wb.cfg.run.seed, r, -1))
         warm = kd.step_seconds[1:] or kd.step_seconds  # the first step pays one-off allocation costs
@@ -97,3 +108,31 @@ class FedCoLLM(FedAvg):
                  "budget": Budget(llm_steps=steps, slm_steps=steps, llm_examples=steps * d.batch_size,
                                   slm_examples=steps * d.batch_size)},
                 {"server_kd_s": kd.seconds, "kd_step_s": sum(warm) / len(warm)})
+
+    def aligned_server_update(self, states: States, r: int) -> tuple[States, dict, dict]:
+        """Mutual distillation across two vocabularies. Each model's top-k on D^a, taken once at the start of the
+        server phase (detached, as in Eq. 5-6), is moved onto the other's tokenization and vocabulary by FedMKT's
+        alignment; then each model trains distill.epochs on D^a towards it. Loss CE + lambda * soft-target CE,
+        written as (1 - w) CE + w soft CE with w = lambda / (1 + lambda): the same direction, and AdamW steps do
+        not depend on the loss scale. Top-k width: distill.top_k, or 16 when that is 0 (a full distribution
+        cannot be moved across vocabularies). Unlike the one-vocabulary path, the targets do not follow the other
+        model step by step: alignment works on whole examples, computed once a round."""
+        wb, d = self.wb, self.wb.cfg.distill
+        slm, k, w = wb.held("slm"), d.top_k or 16, d.kd_weight / (1.0 + d.kd_weight)
+        seed = unit_seed(wb.cfg.run.seed, r, -1)
+        llm_top = public_topk(wb.llm, wb.aux_data, k, len(wb.tokenizer), d.batch_size)
+        slm_top = public_topk(slm.model, slm.public, k, len(slm.tokenizer), d.batch_size)
+        to_llm = moved((slm_top, slm.public, slm.tokenizer), wb.aux_data, wb.tokenizer)
+        to_slm = moved((llm_top, wb.aux_data, wb.tokenizer), slm.public, slm.tokenizer)
+        f_log = distill_steps(wb.llm, wb.aux_data, row_targets(to_llm, wb.aux_data.encoded, d.temperature),
+                              d.epochs, d.llm_lr, d.batch_size, w, seed, f"FedCoLLM aligned KD LLM r{r}")
+        g_log = distill_steps(slm.model, slm.public, row_targets(to_slm, slm.public.encoded, d.temperature),
+                              d.epochs, d.slm_lr, d.batch_size, w, seed, f"FedCoLLM aligned KD SLM r{r}")
+        budget = Budget(llm_steps=len(f_log.losses), slm_steps=len(g_log.losses),
+                        llm_examples=round(d.epochs * len(wb.aux_data)), slm_examples=round(d.epochs * len(slm.public)))
+        return (states | {"llm": adapter_state(wb.llm), "slm": adapter_state(slm.model)},
+                {"kd_first": {"f": f_log.losses[0], "g": g_log.losses[0]},
+                 "kd_last": {"f": f_log.losses[-1], "g": g_log.losses[-1]},
+                 "aligned_fraction": {"llm": aligned_fraction(to_llm.aligned), "slm": aligned_fraction(to_slm.aligned)},
+                 "budget": budget},
+                {"server_kd_s": f_log.seconds + g_log.seconds})

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import lru_cache
 
 import torch
 
@@ -38,8 +37,7 @@ from fedcollm.algorithms.training import (
 )
 from fedcollm.alignment.exchange import PREFIX, TopK, from_tensors, to_tensors
 from fedcollm.alignment.sequence import SparseTargets, aligned_fraction
-from fedcollm.alignment.transfer import realign, row_targets, select_targets
-from fedcollm.alignment.vocab import map_vocab, token_strings
+from fedcollm.alignment.transfer import Sender, moved, row_targets, select_targets
 from fedcollm.comm import Payload
 from fedcollm.config import FedMKTConfig
 from fedcollm.data.batching import SFTData
@@ -56,9 +54,6 @@ from fedcollm.methods.federated import evaluate_clients
 from fedcollm.models.lora import AdapterState, adapter_state, load_adapter_state
 
 log = logging.getLogger(__name__)
-Sender = tuple[TopK, SFTData, object]  # a sender's top-k, its encoding of D^a, its tokenizer
-
-
 def adapter_part(tensors: dict[str, torch.Tensor]) -> AdapterState:
     """The adapter tensors of a payload that may also hold top-k tensors."""
     return {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}
@@ -71,29 +66,6 @@ def covering(top: TopK, data: SFTData, sender: str) -> TopK:
         raise InvalidUpdate(f"top-k from {sender}: does not cover the {len(lengths)} public examples' answer tokens "
                             f"in order ({top.example_ids.numel()} examples, {top.values.shape[0]} rows)")
     return top
-
-
-def vocab_ids(src_tokenizer, dst_tokenizer) -> torch.Tensor:
-    """Source token id -> destination token id: the identity for one vocabulary, else the vocabulary map."""
-    if src_tokenizer is dst_tokenizer or src_tokenizer.get_vocab() == dst_tokenizer.get_vocab():
-        return torch.arange(len(src_tokenizer))
-    return map_vocab(src_tokenizer, dst_tokenizer).ids
-
-
-@lru_cache(maxsize=32)
-def _bridge(src_tokenizer, dst_tokenizer) -> tuple[torch.Tensor, list[str], list[str]]:
-    """The vocabulary map and both surface vocabularies of a tokenizer pair: built once a process (every round
-    and every client of a model reuses them; `map_vocab` also caches on disk)."""
-    return vocab_ids(src_tokenizer, dst_tokenizer), token_strings(src_tokenizer), token_strings(dst_tokenizer)
-
-
-def moved(sender: Sender, dst: SFTData, dst_tokenizer) -> TopK:
-    """A sender's top-k on D^a, on the receiver's answer rows and in its vocabulary (itself for one tokenizer)."""
-    top, src, src_tokenizer = sender
-    if src_tokenizer is dst_tokenizer:
-        return top
-    id_map, src_strings, dst_strings = _bridge(src_tokenizer, dst_tokenizer)
-    return realign(top, src.encoded, dst.encoded, src_strings, dst_strings, id_map)
 
 
 def transfer_targets(sender: Sender, dst: SFTData, dst_tokenizer, temperature: float) -> list[SparseTargets]:
