@@ -55,7 +55,7 @@ from fedcollm.fileio import atomic_write_json
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # benchmarks/ is not a package: reuse the tokenizer loader of its sibling
 
-from machine import cpu_model  # noqa: E402
+from common import cpu_model  # noqa: E402
 from vocab_mapping import load_tokenizer  # noqa: E402
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]

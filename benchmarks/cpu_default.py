@@ -9,30 +9,20 @@ Targets checked and recorded in results.json["targets"]:
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
+from common import bench_config  # benchmarks/ is the script's folder, on sys.path
+
 from fedcollm.cli import resume_experiment, run_experiment
-from fedcollm.config import Config
 
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    shared = HERE.parent.parent / "shared" / "data"  # the project's data collection, where it sits beside the checkout
-    if shared.is_dir():
-        os.environ.setdefault("FEDCOLLM_DATA", str(shared))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(HERE / "cpu_default.toml"))
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--results", default=str(HERE / "results" / "cpu-default"))
-    args = parser.parse_args()
-
-    cfg = Config.from_toml(args.config).override(args.set) if args.set else Config.from_toml(args.config)
+    cfg, out = bench_config(__doc__, HERE / "cpu_default.toml", HERE / "results" / "cpu-default")
     t0 = time.time()
     run_dir = Path(cfg.run.out_dir)
     results = resume_experiment(run_dir) if (run_dir / "config.json").exists() else run_experiment(cfg)
@@ -44,8 +34,6 @@ def main() -> None:
         "kd_step_s": t["kd_step_s"], "kd_step_budget_s": kd_budget, "kd_step_ok": t["kd_step_s"] <= kd_budget,
     }
     results["setting"]["benchmark_wall_s_this_invocation"] = time.time() - t0
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     shutil.copy(run_dir / "accuracy.png", out / "accuracy.png")
     tg = results["targets"]

@@ -9,15 +9,16 @@ answer positions whose teacher distribution arrived through a 1:1 alignment in t
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from machine import machine  # benchmarks/ is the script's folder, on sys.path
+from common import (  # benchmarks/ is the script's folder, on sys.path
+    bench_config,
+    machine,
+)
 
 from fedcollm.alignment.vocab import map_vocab
 from fedcollm.cli import resume_experiment, run_experiment
@@ -60,18 +61,7 @@ def aligned_answer_fraction(run: RunDir) -> dict:
 
 
 def main() -> None:
-    shared = HERE.parent.parent / "shared" / "data"
-    if shared.is_dir():
-        os.environ.setdefault("FEDCOLLM_DATA", str(shared))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(HERE / "fedmkt_cpu.toml"))
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--results", default=str(HERE / "results" / "fedmkt-cpu"))
-    args = parser.parse_args()
-
-    cfg = Config.from_toml(args.config).override(args.set) if args.set else Config.from_toml(args.config)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, out = bench_config(__doc__, HERE / "fedmkt_cpu.toml", HERE / "results" / "fedmkt-cpu")
     maps_file = out / "alignment-maps.json"
     if not maps_file.exists():  # timed once; a resumed benchmark keeps the first build's figures
         maps_file.write_text(json.dumps(build_maps(cfg) | {"machine": machine()}, indent=2))

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model  # benchmarks/ is the script's folder, on sys.path
+from common import cpu_model  # benchmarks/ is the script's folder, on sys.path
 
 from fedcollm.cli import load_config, run_experiment
 from fedcollm.engines.flower.loopback import LoopbackFederation

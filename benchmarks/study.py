@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from machine import machine  # benchmarks/ is the script's folder, on sys.path
+from common import machine  # benchmarks/ is the script's folder, on sys.path
 
 from fedcollm.cli import load_config, run_experiment
 from fedcollm.fileio import atomic_write_json

@@ -19,7 +19,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from machine import cpu_model  # benchmarks/ is the script's folder, on sys.path
+from common import cpu_model  # benchmarks/ is the script's folder, on sys.path
 from rapidfuzz.distance import Levenshtein
 
 from fedcollm.alignment.vocab import map_vocab, token_strings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def models():
     return tiny_pair(seed=0)
 
 
-def tiny_config(data_dir: str, out_dir: str = "runs/test", **sections) -> Config:
+def tiny_sections(data_dir: str, out_dir: str = "runs/test", **sections) -> dict:
+    """The tiny test setting as config tables; `sections` override keys table by table."""
     base = {
         "model": {"llm": "tiny", "slm": "tiny", "dtype": "fp32", "device": "cpu", "max_length": 64,
                   "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
@@ -65,7 +67,23 @@ def tiny_config(data_dir: str, out_dir: str = "runs/test", **sections) -> Config
     }
     for section, values in sections.items():
         base[section] = {**base.get(section, {}), **values}
-    return Config.from_dict(base)
+    return base
+
+
+def tiny_config(data_dir: str, out_dir: str = "runs/test", **sections) -> Config:
+    return Config.from_dict(tiny_sections(data_dir, out_dir, **sections))
+
+
+def tiny_toml(data_dir: str, **sections) -> str:
+    """The tiny setting as a TOML file's text, for code paths that read a config file (CLI, Flower, study)."""
+    def value(v):
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)
+
+    tables = tiny_sections(data_dir, **sections)
+    return "\n".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items())
+                     for name, table in tables.items())
 
 
 @pytest.fixture

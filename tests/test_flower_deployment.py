@@ -12,6 +12,8 @@ pytest.importorskip("flwr")
 if not shutil.which("flower-superlink") or not shutil.which("openssl"):
     pytest.skip("flower-superlink or openssl not on PATH", allow_module_level=True)
 
+from conftest import tiny_toml  # noqa: E402
+
 from fedcollm import cli  # noqa: E402
 from fedcollm.comm import states_equal  # noqa: E402
 from fedcollm.engines.flower.loopback import LoopbackFederation  # noqa: E402
@@ -29,37 +31,7 @@ def tiny_setup(tmp_path_factory, data_dir, tokenizer):
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     config = root / "tiny.toml"
-    config.write_text(f"""
-[model]
-llm = "{root / 'llm'}"
-slm = "{root / 'slm'}"
-dtype = "fp32"
-device = "cpu"
-max_length = 64
-lora = {{ r = 4, alpha = 8, dropout = 0.0 }}
-
-[data]
-data_dir = "{data_dir}"
-tasks = ["arc_easy"]
-train_per_task = 40
-eval_limit = 6
-
-[federation]
-clients = 3
-rounds = 2
-batch_size = 4
-client_lr = 0.01
-
-[distill]
-epochs = 1.5
-batch_size = 4
-llm_lr = 0.01
-slm_lr = 0.01
-
-[run]
-methods = ["fedcollm"]
-eval_batch_size = 16
-""")
+    config.write_text(tiny_toml(data_dir, model={"llm": str(root / "llm"), "slm": str(root / "slm")}))
     reference = root / "inprocess"
     cli.dispatch(["run", "--config", str(config), "--out", str(reference)])
     return root, config, reference
@@ -184,38 +156,9 @@ def test_fedmkt_with_clients_of_other_vocabularies_on_flower_equals_inprocess(tm
         tok.save_pretrained(root / name)
     a, b = root / "tiny-llama", root / "tiny-qwen2"
     config = root / "fedmkt.toml"
-    config.write_text(f"""
-[model]
-llm = "{root / 'llm'}"
-slm = "{a}"
-client_slms = ["{a}", "{b}", "{a}"]
-dtype = "fp32"
-device = "cpu"
-max_length = 64
-lora = {{ r = 4, alpha = 8, dropout = 0.0 }}
-
-[data]
-data_dir = "{data_dir}"
-tasks = ["arc_easy"]
-train_per_task = 40
-eval_limit = 6
-
-[federation]
-clients = 3
-rounds = 2
-batch_size = 4
-client_lr = 0.01
-
-[fedmkt]
-top_k = 4
-batch_size = 4
-llm_lr = 0.01
-slm_lr = 0.01
-
-[run]
-methods = ["fedmkt"]
-eval_batch_size = 16
-""")
+    config.write_text(tiny_toml(
+        data_dir, model={"llm": str(root / "llm"), "slm": str(a), "client_slms": [str(a), str(b), str(a)]},
+        fedmkt={"top_k": 4, "batch_size": 4, "llm_lr": 0.01, "slm_lr": 0.01}, run={"methods": ["fedmkt"]}))
     reference, out = root / "inprocess", root / "flower-run"
     cli.dispatch(["run", "--config", str(config), "--out", str(reference)])
     with LoopbackFederation(root / "deploy", nodes=3, auth=False) as fed:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_toml
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -17,27 +18,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def study(tiny_build, tmp_path, data_dir, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     module = importlib.import_module("study")
-    (tmp_path / "base.toml").write_text(f"""
-[model]
-dtype = "fp32"
-device = "cpu"
-max_length = 64
-lora = {{ r = 4, alpha = 8, dropout = 0.0 }}
-[data]
-data_dir = "{data_dir}"
-tasks = ["arc_easy"]
-train_per_task = 40
-eval_limit = 8
-[federation]
-clients = 2
-rounds = 2
-batch_size = 4
-[distill]
-batch_size = 4
-[run]
-eval_batch_size = 16
-round_eval_limit = 4
-""")
+    (tmp_path / "base.toml").write_text(tiny_toml(data_dir, data={"eval_limit": 8},
+                                                  federation={"clients": 2}, run={"round_eval_limit": 4}))
     (tmp_path / "plan.toml").write_text("""
 config = "base.toml"
 results = "results"

@@ -1,0 +1,44 @@
+"""What the benchmark scripts share: the machine they record beside every timing (CPU, bf16 support, threads) and
+the way a benchmark takes its config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def machine() -> dict:
+    import torch
+
+    from fedcollm.models.loading import cpu_supports_bf16
+
+    return {"cpu": cpu_model(), "avx512_bf16": cpu_supports_bf16(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def bench_config(doc: str, config: Path, results: Path):
+    """(config, results folder) from the command line: --config, --set overrides, --results. The project's data
+    collection is used where it sits beside the checkout (FEDCOLLM_DATA, unless already set)."""
+    from fedcollm.config import Config
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if shared.is_dir():
+        os.environ.setdefault("FEDCOLLM_DATA", str(shared))
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(config))
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--results", default=str(results))
+    args = parser.parse_args()
+    cfg = Config.from_toml(args.config)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    return (cfg.override(args.set) if args.set else cfg), out
