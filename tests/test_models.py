@@ -65,3 +65,43 @@ def test_lora_defaults_and_frozen_base():
     assert trainable == adapter > 0 and base > adapter
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in names)
+
+
+def test_auto_dtype_on_a_native_bf16_cpu_is_what_measures_faster_timed_once_per_model(monkeypatch, tmp_path):
+    from fedcollm.models import loading
+    from fedcollm.models.tiny import tiny_llama
+
+    monkeypatch.setenv("FEDCOLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: True)
+    speed = {"slm": {torch.float32: 0.7, torch.bfloat16: 1.2}, "llm": {torch.float32: 1.9, torch.bfloat16: 1.5}}
+    timed = []
+
+    def fake_seconds(model, dtype, repeats=2):
+        timed.append((model.config.num_hidden_layers, dtype))
+        return speed["slm" if model.config.num_hidden_layers == 1 else "llm"][dtype]
+
+    monkeypatch.setattr(loading, "_step_seconds", fake_seconds)
+    for name, layers in (("slm", 1), ("llm", 2)):
+        tiny_llama(layers=layers).save_pretrained(tmp_path / name)
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, str(tmp_path / "slm")) == torch.float32  # bf16 measured slower
+    assert resolve_dtype("auto", cpu, str(tmp_path / "llm")) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, str(tmp_path / "slm")) == torch.float32
+    assert len(timed) == 4  # each model timed in both dtypes once; the third call read the kept choice
+
+
+def test_auto_dtype_without_native_bf16_is_fp32_and_times_nothing(monkeypatch):
+    from fedcollm.models import loading
+
+    monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(loading, "_step_seconds", lambda *a, **k: pytest.fail("timed on a CPU without bf16"))
+    assert resolve_dtype("auto", torch.device("cpu"), "any-model") == torch.float32
+
+
+def test_the_dtype_probe_times_a_real_forward_and_backward_and_leaves_fp32():
+    from fedcollm.models.loading import _step_seconds
+    from fedcollm.models.tiny import tiny_llama
+
+    model = tiny_llama()
+    assert _step_seconds(model, torch.bfloat16, repeats=1) > 0
+    assert next(model.parameters()).dtype == torch.float32

@@ -106,6 +106,7 @@ def _run_all(wb, run, transport=None) -> dict:
                "partition": cfg.data.partition, "train_per_task": cfg.data.train_per_task,
                "client_examples": [len(c) for c in wb.split.clients], "aux_examples": len(wb.split.aux),
                "batch_size": cfg.federation.batch_size, "dtype": str(next(wb.slm.parameters()).dtype),
+               "llm_dtype": str(next(wb.llm.parameters()).dtype),
                "torch_threads": torch.get_num_threads(), "methods": cfg.run.methods,
                "sampling": {"fraction_fit": cfg.federation.fraction_fit, "min_fit_clients": cfg.federation.min_fit_clients}}
     if cfg.dp.noise_multiplier > 0:
@@ -157,7 +158,7 @@ def cmd_eval(args) -> None:
     sets = {t: load_scored_split(t, spec, cfg.data) for t, spec in cfg.task_specs().items()}
     device = resolve_device(cfg.model.device)
     model_dir = resolve_model_dir(args.model, cfg.derive, cfg.data.data_dir)
-    model = load_model(model_dir, resolve_dtype(cfg.model.dtype, device), device)
+    model = load_model(model_dir, resolve_dtype(cfg.model.dtype, device, model_dir), device)
     if args.adapter:
         model = load_peft_adapter(model, Path(args.adapter))
     tokenizer = load_tokenizer(model_dir)

@@ -161,7 +161,7 @@ class ModelConfig:
     client_slms: list[str] = field(default_factory=list)
     """One SLM per client (entry k is client k's, each named as `slm`), so clients may differ in model family and tokenizer (FedMKT, Standalone); empty = every client runs `slm`."""
     dtype: str = "auto"
-    """Compute dtype of the frozen base weights: auto (bf16 where the hardware has it), bf16, fp16, fp32."""
+    """Compute dtype of the frozen base weights: bf16, fp16, fp32, or auto: bf16 on CUDA that has it; on a CPU with native bf16, whichever of fp32/bf16 measures faster per model (timed once, kept in $FEDCOLLM_CACHE); else fp32."""
     device: str = "auto"
     """auto (cuda if present), cpu, cuda, cuda:N."""
     max_length: int = 128

@@ -117,19 +117,20 @@ class Workbench:
 
         data = load_data(cfg)  # bad data fails here, before minutes of model conversion or derivation
         device = resolve_device(cfg.model.device)
-        dtype = resolve_dtype(cfg.model.dtype, device)
         llm_dir = resolve_model_dir(cfg.model.llm, cfg.derive, cfg.data.data_dir)
         tokenizer = load_tokenizer(llm_dir)
 
         def load(name: str) -> tuple[torch.nn.Module, object]:
             path = resolve_model_dir(name, cfg.derive, cfg.data.data_dir)
             tok = load_tokenizer(path)
+            dtype = resolve_dtype(cfg.model.dtype, device, path)
             log.info("loading SLM %s as %s on %s", name, dtype, device)
             # one vocabulary as the LLM's: one tokenizer, so D^a is encoded once and FedCoLLM's check passes
             return load_model(path, dtype, device), tokenizer if tok.get_vocab() == tokenizer.get_vocab() else tok
 
         slm, slm_tokenizer = load(cfg.model.slm)
         others = {name: load(name) for name in dict.fromkeys(cfg.client_models()) if name != cfg.model.slm}
+        dtype = resolve_dtype(cfg.model.dtype, device, llm_dir)
         log.info("loading LLM %s as %s on %s", cfg.model.llm, dtype, device)
         return cls.from_models(cfg, load_model(llm_dir, dtype, device), slm, tokenizer, llm_name=cfg.model.llm,
                                slm_name=cfg.model.slm, data=data, slm_tokenizer=slm_tokenizer, client_slms=others)

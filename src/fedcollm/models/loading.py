@@ -39,11 +39,62 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def _step_seconds(model, dtype: torch.dtype, repeats: int = 2) -> float:
+    """Mean seconds of a forward+backward through every layer (gradients reach the input embeddings, as LoRA
+    training's reach every layer) on an 8 x 64 batch in `dtype`; the first pass warms up and is not counted."""
+    import time
+
+    model.to(dtype)
+    ids = torch.randint(0, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
+    seconds = []
+    for _ in range(repeats + 1):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        t0 = time.perf_counter()
+        model(inputs_embeds=embeds, logits_to_keep=8).logits.float().logsumexp(-1).sum().backward()
+        seconds.append(time.perf_counter() - t0)
+    model.to(torch.float32)
+    return sum(seconds[1:]) / repeats
+
+
+def measured_cpu_dtype(spec: str | Path) -> torch.dtype:
+    """fp32 or bf16, whichever trains model `spec` (as load_model takes it) faster on this CPU: where bf16 is native, a model
+    may still be slower in it (issue 8 measured a 10-layer SLM 1.7x slower in bf16 and a 30-layer LLM equal).
+    Timed once per model, CPU, torch version and thread count; the choice is kept in
+    $FEDCOLLM_CACHE/dtype-choices.json so every process on this machine (e.g. each Flower client) agrees."""
+    import json
+    import platform
+
+    from transformers import AutoModelForCausalLM
+
+    from fedcollm.fileio import atomic_write_json
+
+    source = materialize(str(spec))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    key = f"{Path(source).resolve() if Path(source).exists() else source}|{cpu}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    path = cache_dir() / "dtype-choices.json"
+    choices = json.loads(path.read_text()) if path.exists() else {}
+    if key not in choices:
+        model = _from_pretrained(AutoModelForCausalLM, str(spec), dtype=torch.float32).eval()
+        timing = {name: _step_seconds(model, dt) for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        choices[key] = {"dtype": min(timing, key=timing.get), "seconds": timing}
+        log.info("dtype auto for %s on %s: %s (fwd+bwd fp32 %.3f s, bf16 %.3f s)", spec, cpu,
+                 choices[key]["dtype"], timing["fp32"], timing["bf16"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, choices)
+    return torch.bfloat16 if choices[key]["dtype"] == "bf16" else torch.float32
+
+
+def resolve_dtype(dtype: str, device: torch.device, model: str | Path | None = None) -> torch.dtype:
+    """model.dtype as a torch dtype. auto: bf16 on CUDA where supported; on a CPU with native bf16, whichever of
+    fp32/bf16 measures faster for `model` (bf16 unmeasured when no model is named); fp32 on other CPUs, where
+    bf16 is emulated and far slower."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        if not cpu_supports_bf16():
+            return torch.float32
+        return measured_cpu_dtype(model) if model is not None else torch.bfloat16
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
              "fp16": torch.float16, "float16": torch.float16}
     if dtype not in table:

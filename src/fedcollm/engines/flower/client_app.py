@@ -95,7 +95,7 @@ def _client_side(context: Context) -> ClientResources:
         shard = shared.clients[index]
     device = resolve_device(cfg.model.device)
     slm_dir = resolve_model_dir(cfg.client_models()[index], cfg.derive, cfg.data.data_dir)
-    slm = add_lora(load_model(slm_dir, resolve_dtype(cfg.model.dtype, device), device), cfg.model.lora,
+    slm = add_lora(load_model(slm_dir, resolve_dtype(cfg.model.dtype, device, slm_dir), device), cfg.model.lora,
                    cfg.run.seed + 1)
     tokenizer = load_tokenizer(slm_dir)
     max_len = cfg.model.max_length
