@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 from pathlib import Path
 
 
@@ -42,3 +43,16 @@ def bench_config(doc: str, config: Path, results: Path):
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     return (cfg.override(args.set) if args.set else cfg), out
+
+
+def run_benchmark(cfg, out: Path) -> tuple[dict, Path]:
+    """Run the benchmark's config (resuming its run directory where it stopped); copy each method's round
+    metrics into `out`. Returns the run's results and its directory."""
+    from fedcollm.cli import resume_experiment, run_experiment
+
+    run_dir = Path(cfg.run.out_dir)
+    results = resume_experiment(run_dir) if (run_dir / "config.json").exists() else run_experiment(cfg)
+    for method in cfg.run.methods:
+        if (run_dir / method / "metrics.jsonl").exists():
+            shutil.copy(run_dir / method / "metrics.jsonl", out / f"metrics-{method}.jsonl")
+    return results, run_dir

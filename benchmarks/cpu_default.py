@@ -14,9 +14,10 @@ import shutil
 import time
 from pathlib import Path
 
-from common import bench_config  # benchmarks/ is the script's folder, on sys.path
-
-from fedcollm.cli import resume_experiment, run_experiment
+from common import (  # benchmarks/ is the script's folder, on sys.path
+    bench_config,
+    run_benchmark,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,8 +25,7 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     cfg, out = bench_config(__doc__, HERE / "cpu_default.toml", HERE / "results" / "cpu-default")
     t0 = time.time()
-    run_dir = Path(cfg.run.out_dir)
-    results = resume_experiment(run_dir) if (run_dir / "config.json").exists() else run_experiment(cfg)
+    results, run_dir = run_benchmark(cfg, out)
     t = results["timing"]
     kd_budget = 1.1 * (t["fwd_bwd_f_s"] + t["fwd_bwd_g_s"])
     results["targets"] = {
@@ -42,9 +42,6 @@ def main() -> None:
         f"| framework overhead (share of round wall time) | {tg['overhead_fraction']:.4f} | 0.05 | {tg['overhead_ok']} |\n"
         f"| one mutual-KD step (s) | {tg['kd_step_s']:.3f} | {tg['kd_step_budget_s']:.3f} "
         f"(1.1 x fwd+bwd f + g) | {tg['kd_step_ok']} |\n"))
-    for method in cfg.run.methods:
-        if (run_dir / method / "metrics.jsonl").exists():
-            shutil.copy(run_dir / method / "metrics.jsonl", out / f"metrics-{method}.jsonl")
     print(json.dumps(results["targets"], indent=2))
 
 

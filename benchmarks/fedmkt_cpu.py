@@ -18,10 +18,10 @@ from pathlib import Path
 from common import (  # benchmarks/ is the script's folder, on sys.path
     bench_config,
     machine,
+    run_benchmark,
 )
 
 from fedcollm.alignment.vocab import map_vocab
-from fedcollm.cli import resume_experiment, run_experiment
 from fedcollm.config import Config
 from fedcollm.models.derive import resolve_model_dir
 from fedcollm.models.loading import load_tokenizer
@@ -65,18 +65,14 @@ def main() -> None:
     maps_file = out / "alignment-maps.json"
     if not maps_file.exists():  # timed once; a resumed benchmark keeps the first build's figures
         maps_file.write_text(json.dumps(build_maps(cfg) | {"machine": machine()}, indent=2))
-    run_dir = Path(cfg.run.out_dir)
     t0 = time.time()
-    results = resume_experiment(run_dir) if (run_dir / "config.json").exists() else run_experiment(cfg)
+    results, run_dir = run_benchmark(cfg, out)
     results["alignment"] = json.loads(maps_file.read_text()) | {
         "aligned_answer_fraction": aligned_answer_fraction(RunDir(run_dir))}
     results["setting"]["machine"] = machine()
     results["setting"]["benchmark_wall_s_this_invocation"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2))
     shutil.copy(run_dir / "results.md", out / "results.md")
-    for method in cfg.run.methods:
-        if (run_dir / method / "metrics.jsonl").exists():
-            shutil.copy(run_dir / method / "metrics.jsonl", out / f"metrics-{method}.jsonl")
     print(json.dumps(results["alignment"], indent=2))
 
 

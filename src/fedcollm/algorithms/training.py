@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -62,20 +63,27 @@ def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, log: StepLog) -> None:
     log.losses.append(loss.item())
 
 
+@contextmanager
+def _training(model, lr: float, seed: int):
+    """Seeded training of `model`'s trainable parameters with a fresh AdamW: yields (optimizer, device, log);
+    the model is back in eval mode and the log timed when the block ends."""
+    torch.manual_seed(seed)
+    log, t0 = StepLog(), time.perf_counter()
+    model.train()
+    try:
+        yield _adamw(model, lr), next(model.parameters()).device, log
+    finally:
+        model.eval()
+        log.seconds = time.perf_counter() - t0
+
+
 def sft_steps(model, data: SFTData, steps: int, lr: float, batch_size: int, seed: int, desc: str = "sft") -> StepLog:
     """`steps` AdamW steps of answer-token cross-entropy on the model's trainable (LoRA) parameters."""
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    opt = _adamw(model, lr)
-    model.train()
-    log = StepLog()
-    t0 = time.perf_counter()
-    batches = cycle_batches(data, batch_size, seed)
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        batch = next(batches).to(device)
-        _step(opt, answer_ce(answer_logits(model, batch), batch.targets, batch.target_mask), log)
-    model.eval()
-    log.seconds = time.perf_counter() - t0
+    with _training(model, lr, seed) as (opt, device, log):
+        batches = cycle_batches(data, batch_size, seed)
+        for _ in tqdm(range(steps), desc=desc, leave=False):
+            batch = next(batches).to(device)
+            _step(opt, answer_ce(answer_logits(model, batch), batch.targets, batch.target_mask), log)
     return log
 
 
@@ -156,16 +164,10 @@ def distill_steps(model, data: SFTData, targets: list[Target], epochs: float, lr
     """`epochs` epochs over `data` (a fraction ends part-way through an epoch) of FedMKT's loss, (1 - w) answer
     CE + w soft-target CE towards each example's target (`targets[i]` for example i; an example whose target is
     None learns from its CE alone)."""
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    opt = _adamw(model, lr)
-    model.train()
-    log = StepLog()
-    t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     whole = int(epochs)
     total = whole * data.steps_per_epoch(batch_size) + math.ceil((epochs - whole) * len(data) / batch_size - 1e-9)
-    with tqdm(total=total, desc=desc, leave=False) as bar:
+    with _training(model, lr, seed) as (opt, device, log), tqdm(total=total, desc=desc, leave=False) as bar:
         while bar.n < total:
             for idx, batch in itertools.islice(data.indexed_batches(batch_size, gen), total - bar.n):
                 batch = batch.to(device)
@@ -175,8 +177,6 @@ def distill_steps(model, data: SFTData, targets: list[Target], epochs: float, lr
                 _step(opt, fedmkt_loss(answer_ce(logits, batch.targets, batch.target_mask),
                                        soft_target_ce(logits, t_ids, t_probs, t_mask), kd_weight), log)
                 bar.update()
-    model.eval()
-    log.seconds = time.perf_counter() - t0
     return log
 
 
