@@ -311,11 +311,13 @@ def test_heterogeneous_fedcollm_distils_both_models_through_the_alignment(data_d
                                                                          tmp_path):
     """LLM (512 ids) and SLM (300 ids) with different tokenizers: FedCoLLM's server phase moves each model's
     top-k onto the other's tokens and trains both; the record shows how much of D^a aligned, and the budget."""
-    from fedcollm.engines.inprocess import run_method
+    from fedcollm.cli import _run_all
     from fedcollm.runs import RunDir
 
     wb = _hetero_fedcollm_workbench(data_dir, tokenizer, client_tokenizers[0], tmp_path)
-    run_method(wb, "fedcollm", RunDir(tmp_path))
+    RunDir(tmp_path).write_config(wb.cfg.to_json())
+    results = _run_all(wb, RunDir(tmp_path))  # the run and its report (which times each model on its own D^a)
+    assert set(results["llm"]["fedcollm"]) == {"arc_easy"} and results["timing"]["fwd_bwd_g_s"] > 0
     records = RunDir(tmp_path).read_metrics("fedcollm")
     assert all(0 < r["aligned_fraction"][m] <= 1 for r in records for m in ("llm", "slm"))
     assert len(wb.aux_data) == 8

@@ -97,7 +97,8 @@ def _run_all(wb, run, transport=None) -> dict:
         seed = unit_seed(cfg.run.seed, 1, -1)
         steps = min(cfg.distill.steps(len(wb.aux_data)), 5)
         extra_timing = {"fwd_bwd_f_s": time_fwd_bwd(wb.llm, wb.aux_data, cfg.distill.batch_size, steps, seed),
-                        "fwd_bwd_g_s": time_fwd_bwd(wb.slm, wb.aux_data, cfg.distill.batch_size, steps, seed)}
+                        "fwd_bwd_g_s": time_fwd_bwd(wb.slm, wb.held("slm").public, cfg.distill.batch_size, steps,
+                                                    seed)}  # D^a in the SLM's own tokens: its vocabulary may differ
     setting = {"llm": cfg.model.llm, "slm": cfg.model.slm, "clients": cfg.federation.clients,
                "rounds": cfg.federation.rounds, "limit": cfg.data.eval_limit, "curve_items": curve_items(cfg),
                "seed": cfg.run.seed, "data_dir": cfg.data.data_dir or "bundled",
