@@ -19,8 +19,8 @@ Counted, per pair and task:
   wall time of `dtw_align` per example, and of the whole per-example alignment (DTW + 1:1 + keep_exact +
     positions), each the fastest of `--repeats` runs (the machine may be shared: the 1-minute load average
     at start and end is recorded).
-Tokenizers come from `vocab_mapping.load_tokenizer` (GGUF once, then $FEDCOLLM_CACHE/tokenizers or
-/tmp/fedcollm-tokenizers). Writes benchmarks/results/alignment-stats.json.
+Tokenizers come from `fedcollm.models.loading.registry_tokenizer` (GGUF once, then $FEDCOLLM_CACHE/tokenizers).
+Writes benchmarks/results/alignment-stats.json.
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ from fedcollm.config import ModelConfig, preset_tasks
 from fedcollm.data.batching import encode_pair
 from fedcollm.data.tasks import load_train_split
 from fedcollm.fileio import atomic_write_json
+from fedcollm.models.loading import registry_tokenizer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # benchmarks/ is not a package: reuse the tokenizer loader of its sibling
 
 from common import cpu_model  # noqa: E402
-from vocab_mapping import load_tokenizer  # noqa: E402
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
 TASKS = ["arc_easy", "arc_challenge", "openbookqa", "commonsenseqa"]
@@ -162,7 +162,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     specs = preset_tasks()
     data = {t: load_train_split(t, specs[t], args.data_dir)[:args.limit] for t in args.tasks}
-    toks = {n: load_tokenizer(n) for n in args.models}
+    toks = {n: registry_tokenizer(n) for n in args.models}
     strings = {n: token_strings(t) for n, t in toks.items()}
     encoded = {(n, t): [encode_pair(toks[n], ex.context, ex.continuations[ex.answer], args.max_length)
                         for ex in data[t]] for n in args.models for t in args.tasks}

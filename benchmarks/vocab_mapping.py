@@ -5,7 +5,7 @@
 The goal pair is Gemma-3 (262,144 tokens) -> Qwen2.5 (151,936) in at most 5 minutes on 2 cores. Each pair is
 built once into an empty cache folder (timed: that is the cost of a first run) and then read back (timed: the
 cost of every later run). Only tokenizers are loaded: from the GGUF files once, then from a saved copy under
-$FEDCOLLM_CACHE/tokenizers (or /tmp/fedcollm-tokenizers). Writes benchmarks/results/vocab-mapping.json.
+$FEDCOLLM_CACHE/tokenizers (~/.cache/fedcollm when unset). Writes benchmarks/results/vocab-mapping.json.
 """
 
 from __future__ import annotations
@@ -24,29 +24,12 @@ from rapidfuzz.distance import Levenshtein
 
 from fedcollm.alignment.vocab import map_vocab, token_strings
 from fedcollm.fileio import atomic_write_json
-from fedcollm.models.registry import resolve_gguf
+from fedcollm.models.loading import registry_tokenizer
 
 HERE = Path(__file__).resolve().parent
 PAIRS = ["smollm2-135m:gemma3-270m", "gemma3-270m:smollm2-135m", "smollm2-135m:qwen2.5-coder-0.5b",
          "qwen2.5-coder-0.5b:smollm2-135m", "gemma3-270m:qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b:gemma3-270m"]
 GOAL_S = 300.0
-
-
-def cache_root() -> Path:
-    env = os.environ.get("FEDCOLLM_CACHE")
-    return Path(env) if env else Path(tempfile.gettempdir()) / "fedcollm-tokenizers"
-
-
-def load_tokenizer(name: str):
-    """The tokenizer of registry model `name`, read from its GGUF once and from a saved copy afterwards."""
-    from transformers import AutoTokenizer
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    saved = cache_root() / "tokenizers" / name
-    if not (saved / "tokenizer.json").exists():
-        gguf = resolve_gguf(name, cache_root() / "gguf")
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(saved)
-    return AutoTokenizer.from_pretrained(saved)
 
 
 def examples(src_str: list[str], dst_str: list[str], vmap, k: int = 10) -> list[dict]:
@@ -67,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     names = sorted({n for pair in args.pairs for n in pair.split(":")})
-    tokenizers = {n: load_tokenizer(n) for n in names}
+    tokenizers = {n: registry_tokenizer(n) for n in names}
     strings = {n: token_strings(t) for n, t in tokenizers.items()}
     rows = []
     for pair in args.pairs:

@@ -167,3 +167,16 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: torch.devi
 
     model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
     return model.to(device).eval()
+
+
+def registry_tokenizer(name: str):
+    """The tokenizer of registry model `name`, read from its GGUF once (without converting the weights) and from
+    $FEDCOLLM_CACHE/tokenizers afterwards: what vocabulary mapping needs of a model."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    saved = cache_dir() / "tokenizers" / name
+    if not (saved / "tokenizer.json").exists():
+        gguf = resolve_gguf(name, cache_dir() / "gguf")
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(saved)
+    return AutoTokenizer.from_pretrained(saved)
