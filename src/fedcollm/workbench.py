@@ -125,7 +125,7 @@ class Workbench:
             tok = load_tokenizer(path)
             dtype = resolve_dtype(cfg.model.dtype, device, path)
             log.info("loading SLM %s as %s on %s", name, dtype, device)
-            # one vocabulary as the LLM's: one tokenizer, so D^a is encoded once and FedCoLLM's check passes
+            # one vocabulary as the LLM's: one tokenizer, so D^a is encoded once and FedCoLLM distils step by step
             return load_model(path, dtype, device), tokenizer if tok.get_vocab() == tokenizer.get_vocab() else tok
 
         slm, slm_tokenizer = load(cfg.model.slm)

@@ -117,7 +117,7 @@ def mutual_distill_step(llm, slm, batch: AnswerBatch, opt_f, opt_g, kd_weight: f
 
 def mutual_distill(llm, slm, aux: SFTData, steps: int, kd_weight: float, temperature: float, direction: str,
                    top_k: int, llm_lr: float, slm_lr: float, batch_size: int, seed: int) -> DistillLog:
-    """Server side of a round: R steps of mutual knowledge distillation on D^a, updating omega and theta."""
+    """Server side of a round: `steps` steps of mutual knowledge distillation on D^a, updating omega and theta."""
     torch.manual_seed(seed)
     device = next(llm.parameters()).device
     opt_f, opt_g = _adamw(llm, llm_lr), _adamw(slm, slm_lr)

@@ -35,7 +35,7 @@ def tiny_qwen2(hidden: int = 48, layers: int = 2, vocab: int = TINY_VOCAB, seed:
 
 
 def tiny_pair(seed: int = 0) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
-    """(LLM, SLM) sharing one vocabulary, as FedCoLLM requires."""
+    """(LLM, SLM) sharing one vocabulary: FedCoLLM's step-by-step mutual distillation."""
     return tiny_llama(hidden=64, layers=3, seed=seed), tiny_llama(hidden=32, layers=1, seed=seed + 1)
 
 
