@@ -119,7 +119,8 @@ def chosen(plan: Plan, method: str) -> tuple[int, dict] | None:
     and every method it inherits from is chosen; None before. Overrides include what it inherits."""
     if method == "zero_shot":
         return 0, {}
-    done = [read_unit(plan, Unit("tune", method, plan.tune_seed, c)) for c in range(len(plan.search[method]))]
+    candidates = plan.search.get(method) or [{}]  # a method with nothing to search runs once, as it is
+    done = [read_unit(plan, Unit("tune", method, plan.tune_seed, c)) for c in range(len(candidates))]
     if any(d is None for d in done):
         return None
     overrides = {}
@@ -129,7 +130,7 @@ def chosen(plan: Plan, method: str) -> tuple[int, dict] | None:
             return None
         overrides[key] = parent[1][key]
     best = max(range(len(done)), key=lambda c: selection_score(plan, method, done[c]))
-    return best, overrides | plan.search[method][best]
+    return best, overrides | candidates[best]
 
 
 def overrides_of(plan: Plan, unit: Unit) -> dict | None:
@@ -143,7 +144,7 @@ def overrides_of(plan: Plan, unit: Unit) -> dict | None:
         if parent is None:
             return None
         inherited[key] = parent[1][key]
-    return inherited | (plan.search.get(unit.method, [{}])[unit.candidate] if unit.candidate is not None else {})
+    return inherited | ((plan.search.get(unit.method) or [{}])[unit.candidate] if unit.candidate is not None else {})
 
 
 def unit_config(plan: Plan, unit: Unit, overrides: dict):
