@@ -56,7 +56,7 @@ from fedcollm.models.loading import registry_tokenizer
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # benchmarks/ is not a package: reuse the tokenizer loader of its sibling
 
-from common import cpu_model  # noqa: E402
+from fedcollm.models.loading import cpu_model  # noqa: E402
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
 TASKS = ["arc_easy", "arc_challenge", "openbookqa", "commonsenseqa"]

@@ -1,5 +1,5 @@
 """What the benchmark scripts share: the machine they record beside every timing (CPU, bf16 support, threads) and
-the way a benchmark takes its config."""
+the way a benchmark takes its config and runs it."""
 
 from __future__ import annotations
 
@@ -10,17 +10,10 @@ import shutil
 from pathlib import Path
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def machine() -> dict:
     import torch
 
-    from fedcollm.models.loading import cpu_supports_bf16
+    from fedcollm.models.loading import cpu_model, cpu_supports_bf16
 
     return {"cpu": cpu_model(), "avx512_bf16": cpu_supports_bf16(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}

@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import cpu_model  # benchmarks/ is the script's folder, on sys.path
 
 from fedcollm.cli import load_config, run_experiment
 from fedcollm.engines.flower.loopback import LoopbackFederation
-from fedcollm.models.loading import resolve_device, resolve_dtype
+from fedcollm.models.loading import cpu_model, resolve_device, resolve_dtype
 from fedcollm.runs import RunDir
 
 HERE = Path(__file__).resolve().parent

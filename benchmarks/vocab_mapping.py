@@ -19,12 +19,11 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from common import cpu_model  # benchmarks/ is the script's folder, on sys.path
 from rapidfuzz.distance import Levenshtein
 
 from fedcollm.alignment.vocab import map_vocab, token_strings
 from fedcollm.fileio import atomic_write_json
-from fedcollm.models.loading import registry_tokenizer
+from fedcollm.models.loading import cpu_model, registry_tokenizer
 
 HERE = Path(__file__).resolve().parent
 PAIRS = ["smollm2-135m:gemma3-270m", "gemma3-270m:smollm2-135m", "smollm2-135m:qwen2.5-coder-0.5b",

@@ -61,6 +61,11 @@ class Budget:
     llm_examples: int = 0
     slm_examples: int = 0
 
+    @classmethod
+    def slm_epochs(cls, epochs: int, examples: int, batch_size: int) -> "Budget":
+        """Whole epochs of an SLM over `examples` in batches (the last one partial), as SFTData runs them."""
+        return cls(slm_steps=epochs * -(-examples // batch_size), slm_examples=epochs * examples)
+
     def __add__(self, other: "Budget") -> "Budget":
         return Budget(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
@@ -122,8 +127,7 @@ class Method:
         """The optimizer steps and examples of one client's training on `task`, counted by the server from the
         reply's example count (it never sees the training). Default: E local epochs of SFT."""
         fed = self.wb.cfg.federation
-        return Budget(slm_steps=fed.local_epochs * -(-num_examples // fed.batch_size),
-                      slm_examples=fed.local_epochs * num_examples)
+        return Budget.slm_epochs(fed.local_epochs, num_examples, fed.batch_size)
 
     def aggregate(self, states: States, updates: Updates, r: int) -> States:
         """Combine the accepted uploads of round `r` (already decoded and validated one by one)."""

@@ -155,8 +155,7 @@ class FedMKT(Method):
         budget = super().client_budget(task, num_examples)
         if self.mkt.slm_epochs and any(k.startswith(PREFIX) for k in task.tensors):
             public = len(self.wb.aux_data)
-            budget += Budget(slm_steps=self.mkt.slm_epochs * -(-public // self.mkt.batch_size),
-                             slm_examples=self.mkt.slm_epochs * public)
+            budget += Budget.slm_epochs(self.mkt.slm_epochs, public, self.mkt.batch_size)
         return budget
 
     def check_reply(self, task: Payload, reply: Payload, client: str) -> tuple[AdapterState, int]:

@@ -30,6 +30,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (recorded beside timings, and part of what a measured dtype choice depends on)."""
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor())
+
+
 def cpu_supports_bf16() -> bool:
     """bf16 matmuls are fast only with native instructions (avx512_bf16 / AMX); emulated they are slower than fp32."""
     try:
@@ -62,15 +74,13 @@ def measured_cpu_dtype(spec: str | Path) -> torch.dtype:
     Timed once per model, CPU, torch version and thread count; the choice is kept in
     $FEDCOLLM_CACHE/dtype-choices.json so every process on this machine (e.g. each Flower client) agrees."""
     import json
-    import platform
 
     from transformers import AutoModelForCausalLM
 
     from fedcollm.fileio import atomic_write_json
 
     source = materialize(str(spec))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     key = f"{Path(source).resolve() if Path(source).exists() else source}|{cpu}|torch {torch.__version__}|{torch.get_num_threads()} threads"
     path = cache_dir() / "dtype-choices.json"
     choices = json.loads(path.read_text()) if path.exists() else {}
