@@ -133,6 +133,43 @@ def test_a_run_that_ends_mid_task_does_not_end_the_worker(monkeypatch):
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C between tasks still ends the worker
 
 
+@pytest.mark.parametrize("push_fails", [False, True])
+def test_a_task_whose_run_ends_still_answers_the_supernode(monkeypatch, push_fails):
+    """A SuperNode waits for a reply to the message it handed out before it pulls another: a task aborted because
+    its run ended pushes an error reply, and is finished only once that reply is in (else its token is left to
+    expire, on which the SuperNode writes the reply itself); finishing it unanswered stalled every later run."""
+    from types import SimpleNamespace
+
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.run import RunNotRunningException
+
+    from fedcollm.engines.flower import worker
+
+    calls = []
+    message = Message(RecordDict(), metadata=Metadata(run_id=7, message_id="m1", src_node_id=1, dst_node_id=2,
+                                                      reply_to_message_id="", group_id="2", created_at=0.0,
+                                                      ttl=3600.0, message_type="train"))
+
+    def app(message, context):
+        raise RunNotRunningException
+
+    def push_message(client, reply, context):
+        calls.append(("reply", reply.error.code if reply.has_error() else None))
+        if push_fails:
+            raise RunNotRunningException
+
+    monkeypatch.setattr(worker, "_runtime_client", lambda *a: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(worker, "HeartbeatSender", lambda fn: SimpleNamespace(start=lambda: None, stop=lambda: None))
+    monkeypatch.setattr(worker, "pull_task_input", lambda client: (message, _context({}), None, None))
+    monkeypatch.setattr(worker, "push_message", push_message)
+    monkeypatch.setattr(worker, "push_task_output", lambda **kw: calls.append(("finished", kw["sub_status"])))
+    monkeypatch.setattr(client_app, "app", app)
+    with pytest.raises(RunNotRunningException):  # serve() then waits for the next task
+        worker.run_task("127.0.0.1:1", "t")
+    answered = [("reply", ErrorCode.CLIENT_APP_RAISED_EXCEPTION)]
+    assert calls == (answered if push_fails else answered + [("finished", SubStatus.FAILED)])
+
+
 def test_client_runs_the_method_the_server_names(model_dirs, data_dir, make_workbench):
     """A train message whose meta names fedmkt runs FedMKT's client hook: the reply holds the adapter and a top-k
     on the public set, equal to the in-process client's."""

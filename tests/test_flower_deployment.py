@@ -102,9 +102,10 @@ def test_a_server_killed_after_round_1_resumes_to_the_same_adapters(tiny_setup):
         assert not (out / "fedcollm" / "final.json").exists()
         for name in workers:
             fed.pause(name, resume=True)
-        second = fed.submit({"out-dir": str(out), "resume": True, "timeout": 120.0})
+        # a client that never answers the setup fails the run within the wait, its processes' logs in the report
+        second = fed.submit({"out-dir": str(out), "resume": True, "timeout": 120.0, "setup-timeout": 300.0})
         status = fed.wait(second, timeout=600)
-        assert status == "finished:completed", fed.logs(second)[-3000:]
+        assert status == "finished:completed", fed.process_logs() + fed.logs(second)[-3000:]
     refs = {"llm": None, "slm": None}
     ours, theirs = _final_adapters(out, refs), _final_adapters(reference, refs)
     assert all(states_equal(ours[k], theirs[k]) for k in refs)

@@ -169,7 +169,17 @@ class LoopbackFederation:
             if status.startswith("finished"):
                 return status
             time.sleep(poll)
-        raise TimeoutError(f"run {run_id} still {self.status(run_id)!r} after {timeout:.0f} s")
+        raise TimeoutError(f"run {run_id} still {self.status(run_id)!r} after {timeout:.0f} s\n"
+                           f"{self.process_logs()}\n--- flwr log {run_id} ---\n{self.logs(run_id)[-3000:]}")
+
+    def process_logs(self, tail: int = 1500) -> str:
+        """The last lines of every process's log and whether it still runs: what a hung run needs explained."""
+        parts = []
+        for name, proc in self.procs.items():
+            state = "running" if proc.poll() is None else f"exited {proc.returncode}"
+            text = (self.work / f"{name}.log").read_text(errors="replace")[-tail:]
+            parts.append(f"--- {name} ({state}) ---\n{text}")
+        return "\n".join(parts)
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _wait_for_port(self, port: int, name: str, timeout: float = 60) -> None:

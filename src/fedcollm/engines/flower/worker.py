@@ -70,31 +70,51 @@ def run_may_end():
 
 
 def run_task(address: str, token: str, root_certificates: bytes | None = None) -> None:
-    """One ClientApp task: pull the message and context, run the app, push the reply and the new context."""
+    """One ClientApp task: pull the message and context, run the app, push the reply and the new context.
+
+    A SuperNode hands out one message and then waits for a reply before it pulls the next (flwr 1.42
+    `start_client_internal._push_messages`), so a pulled message always gets one: the app's, or an error reply
+    when the app raised or its run ended mid-task. The task is finished only once its reply is in; where no reply
+    could be pushed, the task is left to its token's expiry, on which the SuperNode writes the error reply itself
+    (its recovery for a ClientApp process that died). Finishing it instead would leave the SuperNode waiting for
+    that reply forever, and every later run of the federation with it."""
     from fedcollm.engines.flower.client_app import app
 
     client = _runtime_client(address, root_certificates, "flwr-clientapp", token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
-    message = context = reply = None
+    message = context = reply = ended = None
     status, details = SubStatus.FAILED, "ClientApp task failed"
     try:
-        message, context, _run, _fab = pull_task_input(client)
-        reply = app(message=message, context=context)
-        status, details = SubStatus.COMPLETED, ""
-    except Exception as err:  # noqa: BLE001 - as flwr-clientapp does: the server gets an error reply, we go on
-        log.exception("ClientApp raised")
-        details = f"{type(err)}:<'{err}'>"
-        if message is not None:
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
-    finally:
         try:
-            if reply is not None and context is not None:
-                push_message(client, reply, context)
+            message, context, _run, _fab = pull_task_input(client)
+            reply = app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        except BaseException as err:  # the run's end (RunNotRunningException) too: the SuperNode still needs a reply
+            details = f"{type(err)}:<'{err}'>"
+            if isinstance(err, Exception):  # as flwr-clientapp does: the server gets an error reply, we go on
+                log.exception("ClientApp raised")
+            else:
+                ended = err
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        if reply is not None and _pushed(client, reply, context):
             push_task_output(client=client, context=context, sub_status=status, details=details)
-        finally:
-            heartbeat.stop()
-            client.close()
+    finally:
+        heartbeat.stop()
+        client.close()
+    if ended is not None:
+        raise ended
+
+
+def _pushed(client: RuntimeHttpClient, reply: Message, context) -> bool:
+    try:
+        push_message(client, reply, context)
+        return True
+    except (Exception, RunNotRunningException):  # noqa: BLE001 - a revoked token: the SuperNode replies on expiry
+        log.warning("the reply could not be pushed; the SuperNode answers for this task when its token expires",
+                    exc_info=True)
+        return False
 
 
 def serve(address: str, root_certificates: bytes | None = None, poll_interval: float = 1.0) -> None:
