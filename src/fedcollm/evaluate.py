@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from fedcollm.data.batching import collate, encode_pair
+from fedcollm.data.batching import collate, encode_pair, last_positions
 from fedcollm.data.tasks import MCExample
 
 
@@ -53,7 +53,7 @@ def choice_logprobs(model, tokenizer, examples: list[MCExample], max_length: int
     for group in tqdm(groups, desc=desc, leave=False):
         ctx = collate([(c, 1) for _, c, _ in group], pad).to(device)  # left-padded contexts
         out = model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, position_ids=ctx.position_ids,
-                    use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=last_positions(ctx.input_ids.shape[1], 1, device))
         first = torch.log_softmax(out.logits[:, -1].float(), -1)  # predicts each choice's first token
         owner = torch.tensor([g for g, (_, _, conts) in enumerate(group) for _ in conts], device=device)
         conts = [c for _, _, cs in group for c in cs]

@@ -59,11 +59,20 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> AnswerBatch:
     return AnswerBatch(input_ids, attention_mask, position_ids, input_ids[:, -keep:].clone(), target_mask)
 
 
+def last_positions(length: int, count: int, device, end: int = 0) -> torch.Tensor:
+    """Positions [length - count - end, length - end) as an index tensor for `logits_to_keep`: transformers slices
+    a count as a strided view, on which the lm_head runs as a batched matmul at about 2.4x the time of one
+    contiguous matmul (forward+backward over SmolLM2's 49,152-token head, measured); an index tensor gathers the
+    positions into a contiguous block first."""
+    return torch.arange(length - count - end, length - end, device=device)
+
+
 def answer_logits(model, batch: AnswerBatch) -> torch.Tensor:
     """Float logits [B, K, V] predicting the last K tokens (the continuation positions)."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                logits_to_keep=batch.keep + 1)
-    return out.logits[:, :-1].float()
+    ids = batch.input_ids
+    out = model(input_ids=ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                logits_to_keep=last_positions(ids.shape[1], batch.keep, ids.device, end=1))
+    return out.logits.float()
 
 
 class SFTData:

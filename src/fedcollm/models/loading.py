@@ -56,13 +56,15 @@ def _step_seconds(model, dtype: torch.dtype, repeats: int = 2) -> float:
     training's reach every layer) on an 8 x 64 batch in `dtype`; the first pass warms up and is not counted."""
     import time
 
+    from fedcollm.data.batching import last_positions
+
     model.to(dtype)
     ids = torch.randint(0, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
     seconds = []
     for _ in range(repeats + 1):
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         t0 = time.perf_counter()
-        model(inputs_embeds=embeds, logits_to_keep=8).logits.float().logsumexp(-1).sum().backward()
+        model(inputs_embeds=embeds, logits_to_keep=last_positions(64, 8, ids.device)).logits.float().logsumexp(-1).sum().backward()
         seconds.append(time.perf_counter() - t0)
     model.to(torch.float32)
     return sum(seconds[1:]) / repeats

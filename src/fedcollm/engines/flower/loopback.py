@@ -36,11 +36,15 @@ def _descendants(pid: int) -> list[int]:
 class LoopbackFederation:
     """SuperLink + SuperNodes on this machine; use as a context manager, which kills every process it started."""
 
-    def __init__(self, workdir: Path, nodes: int, tls: bool = True, auth: bool = True, worker: bool = True):
+    def __init__(self, workdir: Path, nodes: int, tls: bool = True, auth: bool = True, worker: bool = True,
+                 client_nice: int = 0):
         """worker: each SuperNode runs `--isolation process` with a long-lived `fedcollm clientapp-worker`
         (False: Flower's default, a fresh `flwr-clientapp` process per message). Every node gets an equal share
-        of this machine's cores (OMP_NUM_THREADS), as it would have its own machine's cores."""
+        of this machine's cores (OMP_NUM_THREADS), as it would have its own machine's cores. client_nice: the
+        niceness of every SuperNode and its ClientApp processes, which stand in for other machines: while the
+        server computes, their idle polls then wait for it rather than preempting its threads."""
         self.work, self.nodes, self.tls, self.auth, self.worker = Path(workdir), nodes, tls, auth, worker
+        self.client_nice = client_nice
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = os.environ | {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -104,12 +108,15 @@ class LoopbackFederation:
         auth = ["--auth-supernode-private-key", str(keys / f"node{k}")] if self.auth else []
         isolation = ["--isolation", "process"] if self.worker else []
         runtime, env = free_port(), self._home(f"node{k}") | {"OMP_NUM_THREADS": self.node_threads}
-        self._spawn(f"node{k}", ["flower-supernode", *self.tls_node, *auth, *isolation, "--superlink",
-                                 f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(runtime),
-                                 "--node-config", f"partition-id={k} num-partitions={partitions or self.nodes}"], env)
+        procs = [self._spawn(f"node{k}", ["flower-supernode", *self.tls_node, *auth, *isolation, "--superlink",
+                                          f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(runtime),
+                                          "--node-config", f"partition-id={k} num-partitions={partitions or self.nodes}"],
+                             env)]
         if self.worker:
-            self._spawn(f"worker{k}", ["fedcollm", "clientapp-worker", "--runtime-api-address",
-                                       f"127.0.0.1:{runtime}"], env)
+            procs.append(self._spawn(f"worker{k}", ["fedcollm", "clientapp-worker", "--runtime-api-address",
+                                                    f"127.0.0.1:{runtime}"], env))
+        for proc in procs:  # before they start any ClientApp process, which inherits it
+            os.setpriority(os.PRIO_PROCESS, proc.pid, self.client_nice)
 
     def kill(self, name: str) -> None:
         """SIGKILL one process and everything it started; a SuperNode dies with its worker (a machine that dies)."""
