@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fedcollm.data.tasks import MCExample
@@ -22,14 +23,17 @@ def test_acc_norm_divides_by_the_choice_text_not_the_continuation_with_its_space
     assert accuracy(ex, [[-2.1, -4.0]])["acc_norm"] == 1.0
 
 
-def test_choice_logprobs_match_an_unpadded_forward(data_dir, tokenizer, models):
+@pytest.mark.parametrize("batch_size", [2, 7])
+def test_choice_logprobs_match_an_unpadded_forward(data_dir, tokenizer, models, batch_size):
+    """Packed scoring (context once, then every choice, each seeing only the context and itself) gives each
+    choice the log-prob of a separate unpadded forward of context + choice, across groups and left padding."""
     from fedcollm.config import preset_tasks
     from fedcollm.data.batching import encode_pair
     from fedcollm.data.tasks import load_eval_split
 
     llm, _ = models
     examples = load_eval_split("arc_easy", preset_tasks()["arc_easy"], data_dir, limit=5)
-    scores = choice_logprobs(llm, tokenizer, examples, max_length=200, batch_size=7)  # no truncation
+    scores = choice_logprobs(llm, tokenizer, examples, max_length=200, batch_size=batch_size)  # no truncation
     for ex, sc in zip(examples, scores):
         for c in range(len(ex.choices)):
             ids, n = encode_pair(tokenizer, ex.context, ex.continuations[c], 200)

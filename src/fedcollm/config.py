@@ -406,7 +406,7 @@ class RunConfig:
     round_eval_limit: int | None = None
     """Items per task behind every point of the per-round curves (the same first N items each round, at most data.eval_limit); None = data.eval_limit."""
     eval_batch_size: int = 32
-    """Sequences per forward pass during evaluation."""
+    """Items per forward pass during evaluation (one sequence each: the context, then every choice)."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
 
