@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 BASE = ["federation.rounds=1", "run.methods=['fedcollm']", "data.eval_limit=50", "run.round_eval_limit=none"]
 CPU_DEFAULT = HERE / "cpu_default.toml"
 CLIENT_NICE = 10
+FLOWER_ARMS = {"flower": ([], True), "secagg": (["secagg.enabled=true"], True), "subprocess": ([], False)}
 
 
 def round_record(run: Path) -> dict:
@@ -65,8 +66,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(CPU_DEFAULT), help="fedcollm TOML (\"\" = the embedded demo)")
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--arms", nargs="+", default=list(FLOWER_ARMS), choices=list(FLOWER_ARMS),
+                        help="Flower arms to run after in-process (flower is required: the ratio is its)")
     parser.add_argument("--out", default=str(HERE / "results" / "flower-vs-inprocess.json"))
     args = parser.parse_args()
+    if "flower" not in args.arms:
+        parser.error("--arms must include flower")
     overrides = BASE + args.set
     cfg = load_config(args.config or None, overrides)
     work = Path(tempfile.mkdtemp(prefix="flower-bench-"))
@@ -75,33 +80,25 @@ def main() -> None:
     run_experiment(cfg.with_field("run.out_dir", str(work / "inprocess")))
     inprocess_wall = time.perf_counter() - t0
     k = cfg.federation.clients
-    _, flower_wall = flower_run(work, args.config, overrides, k, "flower")
-    _, secagg_wall = flower_run(work, args.config, overrides + ["secagg.enabled=true"], k, "secagg")
-    _, subprocess_wall = flower_run(work, args.config, overrides, k, "subprocess", worker=False)
+    wall = {"inprocess": inprocess_wall}
+    for arm in args.arms:
+        extra, worker = FLOWER_ARMS[arm]
+        wall[f"{arm}_incl_startup"] = flower_run(work, args.config, overrides + extra, k, arm, worker=worker)[1]
 
-    rec = {name: round_record(work / name) for name in ("inprocess", "flower", "secagg", "subprocess")}
+    rec = {name: round_record(work / name) for name in ("inprocess", *args.arms)}
     refs = {"llm": None, "slm": None}
     final = {name: RunDir(work / name).load_round("fedcollm", 1, refs) for name in rec}
+    round_s = {name: r["timing"]["round_s"] for name, r in rec.items()}
     results = {
-        "inprocess_round_s": rec["inprocess"]["timing"]["round_s"],
-        "flower_round_s": rec["flower"]["timing"]["round_s"],
-        "ratio": rec["flower"]["timing"]["round_s"] / rec["inprocess"]["timing"]["round_s"],
-        "secagg_round_s": rec["secagg"]["timing"]["round_s"],
-        "secagg_ratio": rec["secagg"]["timing"]["round_s"] / rec["inprocess"]["timing"]["round_s"],
-        "flower_subprocess_round_s": rec["subprocess"]["timing"]["round_s"],
-        "flower_subprocess_ratio": rec["subprocess"]["timing"]["round_s"] / rec["inprocess"]["timing"]["round_s"],
-        "client_phase_s": {name: r["timing"]["client_train_s"] for name, r in rec.items()},
+        "inprocess_round_s": round_s["inprocess"],
+        "flower_round_s": round_s["flower"],
+        "ratio": round_s["flower"] / round_s["inprocess"],
+        "phases_s": {name: r["timing"] for name, r in rec.items()},
         "flower_equals_inprocess": all(torch.equal(final["flower"][w][k], final["inprocess"][w][k])
                                        for w in refs for k in final["inprocess"][w]),
-        "secagg_rel_error": relative_l2(final["secagg"]["slm"], final["inprocess"]["slm"]),
-        "secagg_rel_error_llm": relative_l2(final["secagg"]["llm"], final["inprocess"]["llm"]),
-        "secagg_server_saw_only_the_average": rec["secagg"]["secagg_all_results_identical"],
         "bytes_up_per_round": rec["flower"]["bytes_up"], "bytes_down_per_round": rec["flower"]["bytes_down"],
         "inprocess_bytes_up_per_round": rec["inprocess"]["bytes_up"],
-        "secagg_bytes_up_per_round": rec["secagg"]["bytes_up"],
-        "secagg_bytes_down_per_round": rec["secagg"]["bytes_down"],
-        "wall_s": {"inprocess": inprocess_wall, "flower_incl_startup": flower_wall, "secagg_incl_startup": secagg_wall,
-                   "subprocess_incl_startup": subprocess_wall},
+        "wall_s": wall,
         "setting": {"config": args.config or "embedded demo", "overrides": overrides, "llm": cfg.model.llm, "slm": cfg.model.slm,
                     "clients": cfg.federation.clients, "cpu": cpu_model(), "cores": torch.get_num_threads(),
                     "dtype": str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))),
@@ -116,6 +113,16 @@ def main() -> None:
                                "max_weight": "largest declared shard size of the round"},
                     "work_dir": str(work)},
     }
+    if "secagg" in rec:
+        results |= {"secagg_round_s": round_s["secagg"], "secagg_ratio": round_s["secagg"] / round_s["inprocess"],
+                    "secagg_rel_error": relative_l2(final["secagg"]["slm"], final["inprocess"]["slm"]),
+                    "secagg_rel_error_llm": relative_l2(final["secagg"]["llm"], final["inprocess"]["llm"]),
+                    "secagg_server_saw_only_the_average": rec["secagg"]["secagg_all_results_identical"],
+                    "secagg_bytes_up_per_round": rec["secagg"]["bytes_up"],
+                    "secagg_bytes_down_per_round": rec["secagg"]["bytes_down"]}
+    if "subprocess" in rec:
+        results |= {"flower_subprocess_round_s": round_s["subprocess"],
+                    "flower_subprocess_ratio": round_s["subprocess"] / round_s["inprocess"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "setting"}, indent=2))

@@ -33,6 +33,17 @@ def _descendants(pid: int) -> list[int]:
     return children + [d for c in children for d in _descendants(c)]
 
 
+def _renice_session(pid: int, nice: int) -> None:
+    """Give the session that `pid` leads (every process here starts its own) this niceness. With Linux's autogroup
+    scheduling, a process's own niceness counts only against processes of its session; between sessions the
+    session's niceness counts (/proc/PID/autogroup), so both are set. ClientApp processes started later inherit."""
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+        autogroup = Path(f"/proc/{pid}/autogroup")
+        if autogroup.exists():
+            autogroup.write_text(str(nice))
+
+
 class LoopbackFederation:
     """SuperLink + SuperNodes on this machine; use as a context manager, which kills every process it started."""
 
@@ -115,8 +126,8 @@ class LoopbackFederation:
         if self.worker:
             procs.append(self._spawn(f"worker{k}", ["fedcollm", "clientapp-worker", "--runtime-api-address",
                                                     f"127.0.0.1:{runtime}"], env))
-        for proc in procs:  # before they start any ClientApp process, which inherits it
-            os.setpriority(os.PRIO_PROCESS, proc.pid, self.client_nice)
+        for proc in procs:
+            _renice_session(proc.pid, self.client_nice)
 
     def kill(self, name: str) -> None:
         """SIGKILL one process and everything it started; a SuperNode dies with its worker (a machine that dies)."""
