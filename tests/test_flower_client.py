@@ -160,7 +160,7 @@ def test_a_task_whose_run_ends_still_answers_the_supernode(monkeypatch, push_fai
 
     monkeypatch.setattr(worker, "_runtime_client", lambda *a: SimpleNamespace(close=lambda: None))
     monkeypatch.setattr(worker, "HeartbeatSender", lambda fn: SimpleNamespace(start=lambda: None, stop=lambda: None))
-    monkeypatch.setattr(worker, "pull_task_input", lambda client: (message, _context({}), None, None))
+    monkeypatch.setattr(worker, "pull_task_input", lambda client: (message, _context({})))
     monkeypatch.setattr(worker, "push_message", push_message)
     monkeypatch.setattr(worker, "push_task_output", lambda **kw: calls.append(("finished", kw["sub_status"])))
     monkeypatch.setattr(client_app, "app", app)
@@ -168,6 +168,44 @@ def test_a_task_whose_run_ends_still_answers_the_supernode(monkeypatch, push_fai
         worker.run_task("127.0.0.1:1", "t")
     answered = [("reply", ErrorCode.CLIENT_APP_RAISED_EXCEPTION)]
     assert calls == (answered if push_fails else answered + [("finished", SubStatus.FAILED)])
+
+
+def test_a_task_whose_message_never_arrives_is_given_up_and_finished(monkeypatch):
+    """A SuperNode keeps a task whose run ended before it pulled the message's objects; the worker waits a bounded
+    time for them (not flwr's two hours), then finishes the task unanswered (the SuperNode awaits no reply for a
+    message it never received) and is free for the next run's tasks."""
+    import time
+    from types import SimpleNamespace
+
+    from flwr.common.constant import SubStatus
+
+    from fedcollm.engines.flower import worker
+
+    res = SimpleNamespace(task_id=1, run=SimpleNamespace(run_id=7), context=_context({}))
+    tree = SimpleNamespace(object_id="m1", children=[])
+    client = SimpleNamespace(
+        PullTaskInput=lambda req: res,
+        PullMessages=lambda req: SimpleNamespace(messages_list=[object()], message_object_trees=[tree]),
+        PullObject=lambda req: SimpleNamespace(object_found=True, object_available=False),
+        ConfirmMessageReceived=lambda req: None, close=lambda: None)
+    monkeypatch.setattr(worker, "context_from_proto", lambda proto: proto)
+    started = time.monotonic()
+    with pytest.raises(Exception):
+        worker.pull_task_input(client, timeout=0.5)
+    assert time.monotonic() - started < 30
+
+    calls = []
+    monkeypatch.setattr(worker, "_runtime_client", lambda *a: client)
+    monkeypatch.setattr(worker, "HeartbeatSender", lambda fn: SimpleNamespace(start=lambda: None, stop=lambda: None))
+
+    def objects_never_come(client):
+        raise TimeoutError("objects never came")
+
+    monkeypatch.setattr(worker, "pull_task_input", objects_never_come)
+    monkeypatch.setattr(worker, "push_message", lambda *a: calls.append("reply"))
+    monkeypatch.setattr(worker, "push_task_output", lambda **kw: calls.append(("finished", kw["sub_status"])))
+    worker.run_task("127.0.0.1:1", "t")
+    assert calls == [("finished", SubStatus.FAILED)]
 
 
 def test_client_runs_the_method_the_server_names(model_dirs, data_dir, make_workbench):

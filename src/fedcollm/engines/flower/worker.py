@@ -19,12 +19,23 @@ import logging
 import signal
 import time
 
-from flwr.app import Message
+from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.common.serde import context_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -32,11 +43,8 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.run import RunNotRunningException
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import (
-    pull_task_input,
-    push_message,
-    push_task_output,
-)
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,33 @@ def run_may_end():
         signal.signal(signal.SIGINT, previous)
 
 
+MESSAGE_PULL_TIMEOUT_S = 120.0
+
+
+def pull_task_input(client: RuntimeHttpClient, timeout: float = MESSAGE_PULL_TIMEOUT_S) -> tuple[Message, Context]:
+    """flwr's `run_clientapp.pull_task_input` (the message and context of the claimed task), with the message's
+    objects awaited for `timeout` seconds rather than flwr's 7200.
+
+    A SuperNode creates the task and stores the message before it pulls the message's objects from the SuperLink;
+    if the run ends in between, it logs "not in RUNNING status. Ignoring message", never pulls them, and keeps the
+    task pending. A ClientApp that claims it then waits two hours for objects that never come, and the tasks of
+    every later run queue behind it (the resumed run of the deployment test waited for its setup this way)."""
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context = context_from_proto(res.context)
+    messages = client.PullMessages(PullAppMessagesRequest())
+    if not messages.messages_list:
+        raise RuntimeError("no message for this task from the SuperNode's runtime API")
+    tree = messages.message_object_trees[0]
+    node = Node(node_id=context.node_id)
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, max_time=timeout)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message does not carry its id
+    return message, context
+
+
 def run_task(address: str, token: str, root_certificates: bytes | None = None) -> None:
     """One ClientApp task: pull the message and context, run the app, push the reply and the new context.
 
@@ -87,7 +122,7 @@ def run_task(address: str, token: str, root_certificates: bytes | None = None) -
     status, details = SubStatus.FAILED, "ClientApp task failed"
     try:
         try:
-            message, context, _run, _fab = pull_task_input(client)
+            message, context = pull_task_input(client)
             reply = app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
         except BaseException as err:  # the run's end (RunNotRunningException) too: the SuperNode still needs a reply
@@ -98,7 +133,7 @@ def run_task(address: str, token: str, root_certificates: bytes | None = None) -
                 ended = err
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
-        if reply is not None and _pushed(client, reply, context):
+        if message is None or _pushed(client, reply, context):  # no message: the SuperNode awaits no reply
             push_task_output(client=client, context=context, sub_status=status, details=details)
     finally:
         heartbeat.stop()
