@@ -53,7 +53,7 @@ class LoopbackFederation:
         (False: Flower's default, a fresh `flwr-clientapp` process per message). Every node gets an equal share
         of this machine's cores (OMP_NUM_THREADS), as it would have its own machine's cores. client_nice: the
         niceness of every SuperNode and its ClientApp processes, which stand in for other machines: while the
-        server computes, their idle polls then wait for it rather than preempting its threads."""
+        server computes, their idle polls then yield to it rather than compete with its threads."""
         self.work, self.nodes, self.tls, self.auth, self.worker = Path(workdir), nodes, tls, auth, worker
         self.client_nice = client_nice
         self.port = free_port()

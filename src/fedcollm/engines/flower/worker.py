@@ -112,7 +112,8 @@ def run_task(address: str, token: str, root_certificates: bytes | None = None) -
     when the app raised or its run ended mid-task. The task is finished only once its reply is in; where no reply
     could be pushed, the task is left to its token's expiry, on which the SuperNode writes the error reply itself
     (its recovery for a ClientApp process that died). Finishing it instead would leave the SuperNode waiting for
-    that reply forever, and every later run of the federation with it."""
+    that reply forever, and every later run of the federation with it. A task whose message could not be pulled
+    is finished at once: the SuperNode awaits no reply for a message it never received (see pull_task_input)."""
     from fedcollm.engines.flower.client_app import app
 
     client = _runtime_client(address, root_certificates, "flwr-clientapp", token)
