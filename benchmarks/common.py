@@ -7,6 +7,7 @@ import argparse
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 
 
@@ -19,14 +20,28 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def use_shared_data() -> str | None:
+    """The project's data collection where it sits beside the checkout, as FEDCOLLM_DATA unless that is set;
+    returns the data folder in effect (None: the bundled data only)."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if shared.is_dir():
+        os.environ.setdefault("FEDCOLLM_DATA", str(shared))
+    return os.environ.get("FEDCOLLM_DATA")
+
+
+def timed(fn) -> float:
+    """Wall seconds of one call of `fn`."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def bench_config(doc: str, config: Path, results: Path):
     """(config, results folder) from the command line: --config, --set overrides, --results. The project's data
     collection is used where it sits beside the checkout (FEDCOLLM_DATA, unless already set)."""
     from fedcollm.config import Config
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if shared.is_dir():
-        os.environ.setdefault("FEDCOLLM_DATA", str(shared))
+    use_shared_data()
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(config))
     parser.add_argument("--set", action="append", default=[])

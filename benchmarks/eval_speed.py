@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine  # benchmarks/ is the script's folder, on sys.path
+from common import (  # benchmarks/ is the script's folder, on sys.path
+    machine,
+    use_shared_data,
+)
 
 from fedcollm.config import Config
 from fedcollm.data.tasks import load_eval_split
@@ -77,8 +80,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "eval-speed.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    shared = HERE.parents[1] / "shared" / "data"
-    data_dir = os.environ.get("FEDCOLLM_DATA") or (str(shared) if shared.is_dir() else None)
+    data_dir = use_shared_data()
 
     specs = Config.from_dict({"data": {"tasks": args.tasks}}).task_specs()
     sets = {t: load_eval_split(t, specs[t], data_dir, args.limit) for t in args.tasks}

@@ -11,22 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from common import timed  # benchmarks/ is the script's folder, on sys.path
 
 from fedcollm.algorithms.training import cycle_batches, fwd_bwd, mutual_distill_step
 from fedcollm.config import Config
 from fedcollm.workbench import Workbench
 
 HERE = Path(__file__).resolve().parent
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:

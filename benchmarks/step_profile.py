@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import machine  # benchmarks/ is the script's folder, on sys.path
+from common import machine, timed  # benchmarks/ is the script's folder, on sys.path
 from torch.profiler import ProfilerActivity, profile
 
 from fedcollm.algorithms import training
@@ -48,12 +47,6 @@ def sft_step(model, opt, batch, logits_fn) -> None:
     opt.zero_grad(set_to_none=True)
     answer_ce(logits_fn(model, batch), batch.targets, batch.target_mask).backward()
     opt.step()
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def top_ops(fn, rows: int = 6) -> list[dict]:
