@@ -14,7 +14,10 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import timed  # benchmarks/ is the script's folder, on sys.path
+from common import (  # benchmarks/ is the script's folder, on sys.path
+    timed,
+    use_shared_data,
+)
 
 from fedcollm.algorithms.training import cycle_batches, fwd_bwd, mutual_distill_step
 from fedcollm.config import Config
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "kd-step" / "results.json"))
     args = parser.parse_args()
 
+    use_shared_data()
     cfg = Config.from_toml(args.config)
     wb = Workbench.build(cfg)
     d = cfg.distill

@@ -20,7 +20,11 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import machine, timed  # benchmarks/ is the script's folder, on sys.path
+from common import (  # benchmarks/ is the script's folder, on sys.path
+    machine,
+    timed,
+    use_shared_data,
+)
 from torch.profiler import ProfilerActivity, profile
 
 from fedcollm.algorithms import training
@@ -65,6 +69,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "step-profile.json"))
     args = parser.parse_args()
 
+    use_shared_data()
     cfg = Config.from_toml(args.config)
     wb = Workbench.build(cfg)
     d = cfg.distill
