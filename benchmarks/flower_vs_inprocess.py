@@ -56,7 +56,7 @@ def flower_run(work: Path, config: str, overrides: list[str], nodes: int, name: 
     t0 = time.perf_counter()
     with LoopbackFederation(work / f"deploy-{name}", nodes=nodes, worker=worker, client_nice=CLIENT_NICE) as fed:
         run_id = fed.submit({"config": config, "set": ";".join(overrides), "out-dir": str(out), "timeout": 1800.0})
-        status = fed.wait(run_id, timeout=3600, poll=30.0)
+        status = fed.wait(run_id, timeout=3600, poll=300.0, done_file=out / "results.json")
         if status != "finished:completed":
             raise RuntimeError(f"{name}: run {run_id} {status}:\n{fed.logs(run_id)[-4000:]}")
     return out, time.perf_counter() - t0

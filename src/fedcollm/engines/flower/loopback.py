@@ -6,6 +6,7 @@ submitted with `flwr run`. The same commands, one machine each, are the README's
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -176,17 +177,21 @@ class LoopbackFederation:
         except (RuntimeError, subprocess.TimeoutExpired) as err:
             return str(err)
 
-    def wait(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
+    def wait(self, run_id: int, timeout: float, poll: float = 2.0, done_file: Path | None = None) -> str:
         """Block until the run finishes; returns its status (e.g. finished:completed), raising on a time-out.
 
-        Each poll is a `flwr ls` process (about a second of CPU to import flwr): a benchmark polls rarely so
-        that the harness does not take CPU from the run it times."""
+        Each poll is a `flwr ls` process (about a second of CPU to import flwr). A benchmark names `done_file`, a
+        file the run writes as it ends: checking it costs nothing, so `flwr ls` is asked only once it exists or
+        every `poll` seconds (to notice a failed run), and the harness takes no CPU from the run it times."""
         deadline = time.monotonic() + timeout
+        asked = -math.inf
         while time.monotonic() < deadline:
-            status = self.status(run_id)
-            if status.startswith("finished"):
-                return status
-            time.sleep(poll)
+            if done_file is None or done_file.exists() or time.monotonic() - asked >= poll:
+                asked = time.monotonic()
+                status = self.status(run_id)
+                if status.startswith("finished"):
+                    return status
+            time.sleep(poll if done_file is None else 1.0)
         raise TimeoutError(f"run {run_id} still {self.status(run_id)!r} after {timeout:.0f} s\n"
                            f"{self.process_logs()}\n--- flwr log {run_id} ---\n{self.logs(run_id)[-3000:]}")
 
