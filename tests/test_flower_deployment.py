@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import pytest
 
@@ -39,6 +40,24 @@ def tiny_setup(tmp_path_factory, data_dir, tokenizer):
 
 def _final_adapters(run_dir, refs):
     return RunDir(run_dir).load_round("fedcollm", 2, refs)
+
+
+def test_waiting_on_the_runs_done_file_asks_flower_only_at_the_start_and_when_it_appears(tmp_path, monkeypatch):
+    """A benchmark's wait must not spend CPU on `flwr ls` polls while the run it times computes."""
+    fed = LoopbackFederation(tmp_path, nodes=1)  # not entered: no process starts
+    done = tmp_path / "results.json"
+    asked = []
+
+    def status(run_id):
+        asked.append(run_id)
+        return "finished:completed" if done.exists() else "running"
+
+    monkeypatch.setattr(fed, "status", status)
+    timer = threading.Timer(2.5, done.touch)
+    timer.start()
+    assert fed.wait(7, timeout=60, poll=300, done_file=done) == "finished:completed"
+    timer.join()
+    assert asked == [7, 7]  # once at once (a run that failed at start shows), once the file is there
 
 
 def test_flower_deployment_with_tls_and_auth_equals_inprocess(tiny_setup):
