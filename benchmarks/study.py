@@ -222,6 +222,7 @@ def _commit(paths: list[Path], message: str) -> None:
 def cmd_run(plan: Plan, hours: float, commit: bool) -> None:
     budget, t0, ran = hours * 3600, time.perf_counter(), []
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    piece = len(_read_pieces(plan))  # this piece's place in pieces.json: two pieces may start in the same second
     while True:
         todo = [(u, o) for u in units(plan) if read_unit(plan, u) is None
                 for o in [overrides_of(plan, u)] if o is not None]
@@ -236,7 +237,7 @@ def cmd_run(plan: Plan, hours: float, commit: bool) -> None:
         result = run_unit(plan, unit, overrides)
         ran.append(unit.name)
         log.info("unit %s done in %.0f s", unit.name, result["seconds"])
-        _record_piece(plan, started, time.perf_counter() - t0, ran)
+        _record_piece(plan, piece, started, time.perf_counter() - t0, ran)
         if commit:
             _commit([unit_path(plan, unit), plan.results / "pieces.json"], f"study: unit {unit.name}")
     if ran:
@@ -247,12 +248,16 @@ def cmd_run(plan: Plan, hours: float, commit: bool) -> None:
     print(f"piece ran {len(ran)} unit(s) in {(time.perf_counter() - t0) / 3600:.2f} h; {len(left)} left")
 
 
-def _record_piece(plan: Plan, started: str, seconds: float, ran: list[str]) -> None:
+def _read_pieces(plan: Plan) -> list[dict]:
     path = plan.results / "pieces.json"
-    pieces = json.loads(path.read_text()) if path.exists() else []
-    piece = {"started": started, "hours": round(seconds / 3600, 3), "units": ran} | machine()
-    pieces = [p for p in pieces if p["started"] != started] + [piece]
-    atomic_write_json(path, pieces)
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _record_piece(plan: Plan, index: int, started: str, seconds: float, ran: list[str]) -> None:
+    """Write (or, after its next unit, rewrite) the piece at `index` of pieces.json."""
+    pieces = _read_pieces(plan)
+    pieces[index:index + 1] = [{"started": started, "hours": round(seconds / 3600, 3), "units": ran} | machine()]
+    atomic_write_json(plan.results / "pieces.json", pieces)
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
@@ -305,7 +310,7 @@ def build_results(plan: Plan) -> dict:
     zero = tune.get(Unit("tune", "zero_shot", plan.tune_seed).name)
     zero_validation = {w: sum(b["acc"] for b in zero["final"][w].values()) / len(zero["final"][w])
                        for w in MODELS if w in zero["final"]} if zero else {}
-    pieces = json.loads((plan.results / "pieces.json").read_text()) if (plan.results / "pieces.json").exists() else []
+    pieces = _read_pieces(plan)
     any_unit = next((d for d in tune.values() if d), None) or next((r[0] for r in finals.values()), None) or {}
     setting = {"seeds": plan.seeds, "tune_seed": plan.tune_seed, "tune_eval_limit": plan.tune_eval_limit,
                "train_per_task": any_unit.get("setting", {}).get("train_per_task"),

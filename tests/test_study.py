@@ -79,6 +79,17 @@ def test_a_piece_stops_at_its_budget_and_the_next_one_goes_on_without_redoing_un
     assert "Table 2" in (root / "results" / "results.md").read_text()
 
 
+def test_two_pieces_started_in_the_same_second_are_both_recorded(study):
+    module, root = study
+    plan = module.Plan.load(root / "plan.toml")
+    plan.results.mkdir(parents=True)
+    module._record_piece(plan, 0, "2026-11-26T00:00:00+00:00", 1.0, ["a"])
+    module._record_piece(plan, 1, "2026-11-26T00:00:00+00:00", 2.0, ["b"])
+    module._record_piece(plan, 1, "2026-11-26T00:00:00+00:00", 3.0, ["b", "c"])  # the same piece, one unit later
+    pieces = json.loads((root / "results" / "pieces.json").read_text())
+    assert [p["units"] for p in pieces] == [["a"], ["b", "c"]]
+
+
 def test_tuning_units_are_scored_on_validation_items_and_finals_on_the_test_items(study):
     module, root = study
     plan = module.Plan.load(root / "plan.toml")
