@@ -98,3 +98,15 @@ def test_tuning_units_are_scored_on_validation_items_and_finals_on_the_test_item
     assert (tune.data.scored, tune.data.eval_limit, tune.federation.client_lr) == ("validation", 6, 0.03)
     assert (final.data.scored, final.data.eval_limit, final.run.seed) == ("eval", 8, 1)
     assert module.overrides_of(plan, module.Unit("final", "fedavg", 0)) is None  # its tuning has not run
+
+
+def test_the_committed_plan_loads_and_every_unit_of_it_makes_a_valid_config(study):
+    """A typo in study_plan.toml or study.toml would otherwise surface hours into a piece."""
+    module, _ = study
+    plan = module.Plan.load(BENCHMARKS / "study_plan.toml")
+    for unit in module.units(plan):
+        overrides = (plan.search.get(unit.method) or [{}])[unit.candidate] if unit.candidate is not None else {}
+        inherited = {key: plan.search[source][0][key] for key, source in plan.inherit.get(unit.method, {}).items()}
+        cfg = module.unit_config(plan, unit, inherited | overrides)
+        assert cfg.run.methods == [unit.method]
+        assert cfg.data.scored == ("validation" if unit.phase == "tune" else "eval")
