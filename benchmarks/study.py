@@ -11,8 +11,8 @@ cut into units, one `fedcollm` run of one method each:
 A unit that finishes writes results/study/units/<unit>.json (accuracies, which items it got right, budget,
 seconds, CPU) and, with --commit, commits it; an interrupted unit resumes from its run directory's last round.
 `run` is one piece: it runs one unit, then starts more while its time budget (--hours) leaves room for them
-(estimated from units of the same method and phase already done) and records the piece in pieces.json, so the study goes on, on another
-machine too, with the next `run`. `report` turns the unit files into results.json and results.md.
+(see _estimate) and records the piece in pieces.json, so the study goes on, on another machine too, with the
+next `run`. `report` turns the unit files into results.json and results.md.
 """
 
 from __future__ import annotations
@@ -206,11 +206,16 @@ def run_unit(plan: Plan, unit: Unit, overrides: dict) -> dict:
     return result
 
 
-def _estimate(plan: Plan, unit: Unit) -> float | None:
-    """Seconds a unit should take: the mean of finished units of the same phase and method."""
-    same = [d["seconds"] for u in units(plan) if u.phase == unit.phase and u.method == unit.method
-            for d in [read_unit(plan, u)] if d is not None]
-    return sum(same) / len(same) if same else None
+def _estimate(plan: Plan, unit: Unit) -> float:
+    """Seconds a unit should take: the mean of finished units of the same phase and method. With none yet, twice
+    the longest finished unit: the costliest methods add server-side training to a cheaper method's clients (the
+    first FedCoLLM tuning unit took about 1.7x FedAvg's), and overrating a unit only ends a piece early, while
+    underrating it overruns the piece. Needs at least one finished unit."""
+    done = {u: d["seconds"] for u in units(plan) for d in [read_unit(plan, u)] if d is not None}
+    same = [s for u, s in done.items() if (u.phase, u.method) == (unit.phase, unit.method)]
+    if same:
+        return sum(same) / len(same)
+    return 2 * max(done.values())
 
 
 def _commit(paths: list[Path], message: str) -> None:
@@ -229,10 +234,11 @@ def cmd_run(plan: Plan, hours: float, commit: bool) -> None:
         if not todo:
             break
         unit, overrides = todo[0]
-        left, need = budget - (time.perf_counter() - t0), _estimate(plan, unit)
-        if ran and (left <= 0 or (need is not None and need > left) or (need is None and left < budget / 2)):
-            log.info("piece budget: %.0f s left, %s needs %s s; stopping", left, unit.name, need and round(need))
-            break
+        if ran:  # a piece runs at least one unit, then only those its budget leaves room for
+            left, need = budget - (time.perf_counter() - t0), _estimate(plan, unit)
+            if need > left:
+                log.info("piece budget: %.0f s left, %s needs about %.0f s; stopping", left, unit.name, need)
+                break
         log.info("unit %s with %s", unit.name, overrides)
         result = run_unit(plan, unit, overrides)
         ran.append(unit.name)

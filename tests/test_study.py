@@ -90,6 +90,19 @@ def test_two_pieces_started_in_the_same_second_are_both_recorded(study):
     assert [p["units"] for p in pieces] == [["a"], ["b", "c"]]
 
 
+def test_a_unit_is_estimated_from_its_method_and_phase_or_else_as_twice_the_longest_finished_unit(study):
+    """A method that has not run yet must not be rated cheaper than the dearest unit seen, or a piece overruns."""
+    module, root = study
+    plan = module.Plan.load(root / "plan.toml")
+    (plan.results / "units").mkdir(parents=True)
+    for unit, seconds in [(module.Unit("tune", "zero_shot", 0), 100.0), (module.Unit("tune", "fedavg", 0, 0), 300.0),
+                          (module.Unit("tune", "fedavg", 0, 1), 500.0)]:
+        module.unit_path(plan, unit).write_text(json.dumps({"seconds": seconds}))
+    assert module._estimate(plan, module.Unit("tune", "fedavg", 0, 1)) == 400.0
+    assert module._estimate(plan, module.Unit("tune", "fedcollm", 0, 0)) == 1000.0
+    assert module._estimate(plan, module.Unit("final", "fedavg", 0)) == 1000.0  # finals score more items
+
+
 def test_tuning_units_are_scored_on_validation_items_and_finals_on_the_test_items(study):
     module, root = study
     plan = module.Plan.load(root / "plan.toml")
