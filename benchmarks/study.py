@@ -184,6 +184,9 @@ def _final_blocks(final: dict) -> dict:
 def run_unit(plan: Plan, unit: Unit, overrides: dict) -> dict:
     cfg = unit_config(plan, unit, overrides)
     out = Path(cfg.run.out_dir)
+    run = RunDir(out)
+    # an interrupted unit resumes after its last finished round; those rounds' time is part of what it cost
+    before = run.read_metrics(unit.method) if (out / "config.json").exists() else []
     t0 = time.perf_counter()
     if (out / "config.json").exists():
         from fedcollm.cli import resume_experiment
@@ -191,13 +194,12 @@ def run_unit(plan: Plan, unit: Unit, overrides: dict) -> dict:
         results = resume_experiment(out)
     else:
         results = run_experiment(cfg)
-    seconds = time.perf_counter() - t0
-    run = RunDir(out)
+    seconds = time.perf_counter() - t0 + sum(r.get("timing", {}).get("round_s", 0.0) for r in before)
     result = {"unit": unit.name, "phase": unit.phase, "method": unit.method, "seed": unit.seed,
               "candidate": unit.candidate, "overrides": overrides, "scored": cfg.data.scored,
               "final": _final_blocks(run.read_final(unit.method)),
               "curves": _curves(run.read_metrics(unit.method)) if unit.method != "zero_shot" else {},
-              "budget": results["budget"].get(unit.method, {}), "seconds": seconds,
+              "budget": results["budget"].get(unit.method, {}), "seconds": seconds, "resumed_after_rounds": len(before),
               "setting": {k: results["setting"][k] for k in ("train_per_task", "rounds", "client_examples",
                                                              "aux_examples", "dtype")},
               "machine": machine(), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

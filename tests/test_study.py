@@ -103,6 +103,26 @@ def test_a_unit_is_estimated_from_its_method_and_phase_or_else_as_twice_the_long
     assert module._estimate(plan, module.Unit("final", "fedavg", 0)) == 1000.0  # finals score more items
 
 
+def test_a_unit_resumed_after_round_1_counts_the_seconds_of_that_round_too(study):
+    """Unit seconds are the cost record later pieces plan by: a unit a dead piece left after round 1 cost round 1
+    and the rest, not only what the resuming process spent."""
+    import shutil
+
+    module, root = study
+    plan = module.Plan.load(root / "plan.toml")
+    unit, overrides = module.Unit("tune", "fedavg", 0, 0), {"federation.client_lr": 1e-3}
+    module.run_unit(plan, unit, overrides)
+    run = module.RunDir(module.unit_config(plan, unit, overrides).run.out_dir)
+    (run.method_dir("fedavg") / "final.json").unlink()  # as the piece left it when it died in round 2
+    shutil.rmtree(run.round_dir("fedavg", 2))
+    run.rebuild_metrics("fedavg")
+    round_1 = run.read_metrics("fedavg")[0]["timing"]["round_s"]
+
+    resumed = module.run_unit(plan, unit, overrides)
+    assert resumed["resumed_after_rounds"] == 1
+    assert resumed["seconds"] > round_1 + run.read_metrics("fedavg")[1]["timing"]["round_s"]
+
+
 def test_tuning_units_are_scored_on_validation_items_and_finals_on_the_test_items(study):
     module, root = study
     plan = module.Plan.load(root / "plan.toml")
