@@ -107,6 +107,12 @@ def read_unit(plan: Plan, unit: Unit) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def model_means(result: dict) -> dict[str, float]:
+    """A unit's mean acc over tasks, per model it scored."""
+    return {w: sum(b["acc"] for b in result["final"][w].values()) / len(result["final"][w])
+            for w in MODELS if w in result["final"]}
+
+
 def selection_score(plan: Plan, method: str, result: dict) -> float:
     """Mean validation acc over tasks of the models the method is chosen by."""
     scores = [block[t]["acc"] for which in plan.select_by[method] for block in [result["final"][which]]
@@ -311,13 +317,13 @@ def build_results(plan: Plan) -> dict:
             claims.append({"claim": f"{which.upper()} {a} vs {b}", "model": which, "a": a, "b": b, "task": task,
                            "diff": diff, "ci95": list(ci), "significant": significant})
     tune = {u.name: read_unit(plan, u) for u in units(plan) if u.phase == "tune"}
-    search = {m: [{"candidate": c, "overrides": plan.search[m][c],
-                   "score": selection_score(plan, m, d) if (d := tune.get(Unit("tune", m, plan.tune_seed, c).name))
-                   else None} for c in range(len(plan.search.get(m, [])))] for m in plan.methods if m != "zero_shot"}
+    search = {m: [{"candidate": c, "overrides": plan.search[m][c]}
+                  | ({"score": selection_score(plan, m, d), "means": model_means(d), "seconds": d["seconds"]}
+                     if (d := tune.get(Unit("tune", m, plan.tune_seed, c).name)) else {"score": None})
+                  for c in range(len(plan.search.get(m, [])))] for m in plan.methods if m != "zero_shot"}
     picks = {m: chosen(plan, m) for m in plan.methods}
     zero = tune.get(Unit("tune", "zero_shot", plan.tune_seed).name)
-    zero_validation = {w: sum(b["acc"] for b in zero["final"][w].values()) / len(zero["final"][w])
-                       for w in MODELS if w in zero["final"]} if zero else {}
+    zero_validation = model_means(zero) if zero else {}
     pieces = _read_pieces(plan)
     any_unit = next((d for d in tune.values() if d), None) or next((r[0] for r in finals.values()), None) or {}
     setting = {"seeds": plan.seeds, "tune_seed": plan.tune_seed, "tune_eval_limit": plan.tune_eval_limit,
@@ -338,8 +344,8 @@ def build_results(plan: Plan) -> dict:
             "curves": {m: {f"seed {r['seed']}": r["curves"] for r in runs} for m, runs in finals.items()}}
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+def _pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f}"
 
 
 def to_markdown(plan: Plan, res: dict) -> str:
@@ -374,14 +380,19 @@ def to_markdown(plan: Plan, res: dict) -> str:
     lines += ["", "## Tuning (validation items; the same number of candidates per method)", ""]
     if res["hparams"]["zero_shot_validation"]:
         lines += ["Zero-Shot on the same validation items, mean acc: " + ", ".join(
-            f"{w.upper()} {_pct(a)}" for w, a in res["hparams"]["zero_shot_validation"].items()) + ".", ""]
-    lines += ["| method | candidate | overrides | validation score | chosen |", "|---|---|---|---|---|"]
+            f"{w.upper()} {_pct(a, 2)}" for w, a in res["hparams"]["zero_shot_validation"].items()) + ".", ""]
+    lines += ["| method | candidate | overrides | LLM | SLM | score (chosen by) | unit hours | chosen |",
+              "|---|---|---|---|---|---|---|---|"]
     chosen_ = res["hparams"]["chosen"]
     for m, cands in res["hparams"]["search"].items():
+        by = "+".join(w.upper() for w in res["hparams"]["select_by"].get(m, []))
         for c in cands:
-            score = "not run" if c["score"] is None else _pct(c["score"])
             pick = "yes" if m in chosen_ and chosen_[m]["candidate"] == c["candidate"] else ""
-            lines.append(f"| {m} | {c['candidate']} | `{json.dumps(c['overrides'])}` | {score} | {pick} |")
+            cells = (["", "", "not run", ""] if c["score"] is None else
+                     [_pct(c["means"][w], 2) if w in c["means"] else "" for w in MODELS]
+                     + [f"{_pct(c['score'], 2)} ({by})", f"{c['seconds'] / 3600:.2f}"])
+            lines.append("| " + " | ".join([m, str(c["candidate"]), f"`{json.dumps(c['overrides'])}`", *cells, pick])
+                         + " |")
     lines += ["", "## Curves per round (acc on the first items of each test split, the same items every round)", ""]
     for m, by_seed in res["curves"].items():
         for seed, curves in by_seed.items():
