@@ -190,11 +190,11 @@ def _final_blocks(final: dict) -> dict:
 def run_unit(plan: Plan, unit: Unit, overrides: dict) -> dict:
     cfg = unit_config(plan, unit, overrides)
     out = Path(cfg.run.out_dir)
-    run = RunDir(out)
+    run, resuming = RunDir(out), (out / "config.json").exists()
     # an interrupted unit resumes after its last finished round; those rounds' time is part of what it cost
-    before = run.read_metrics(unit.method) if (out / "config.json").exists() else []
+    before = run.read_metrics(unit.method) if resuming else []
     t0 = time.perf_counter()
-    if (out / "config.json").exists():
+    if resuming:
         from fedcollm.cli import resume_experiment
 
         results = resume_experiment(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -110,8 +111,6 @@ def test_a_unit_is_estimated_from_its_method_and_phase_or_else_as_twice_the_long
 def test_a_unit_resumed_after_round_1_counts_the_seconds_of_that_round_too(study):
     """Unit seconds are the cost record later pieces plan by: a unit a dead piece left after round 1 cost round 1
     and the rest, not only what the resuming process spent."""
-    import shutil
-
     module, root = study
     plan = module.Plan.load(root / "plan.toml")
     unit, overrides = module.Unit("tune", "fedavg", 0, 0), {"federation.client_lr": 1e-3}
