@@ -114,10 +114,9 @@ def model_means(result: dict) -> dict[str, float]:
 
 
 def selection_score(plan: Plan, method: str, result: dict) -> float:
-    """Mean validation acc over tasks of the models the method is chosen by."""
-    scores = [block[t]["acc"] for which in plan.select_by[method] for block in [result["final"][which]]
-              for t in block]
-    return sum(scores) / len(scores)
+    """Mean validation acc of the models the method is chosen by (each model's mean over the same tasks)."""
+    means = model_means(result)
+    return sum(means[w] for w in plan.select_by[method]) / len(plan.select_by[method])
 
 
 def chosen(plan: Plan, method: str) -> tuple[int, dict] | None:
