@@ -1,6 +1,6 @@
 """The study of issue 8: does co-tuning help, with every method tuned on validation data and 3 seeds?
 
-    python benchmarks/study.py run [--plan benchmarks/study_plan.toml] [--hours 2.5] [--commit]
+    python benchmarks/study.py run [--plan benchmarks/study_plan.toml] [--hours 2.5] [--only GLOB] [--commit]
     python benchmarks/study.py report [--plan ...]
     python benchmarks/study.py status [--plan ...]
 
@@ -12,7 +12,9 @@ A unit that finishes writes results/study/units/<unit>.json (accuracies, which i
 seconds, CPU) and, with --commit, commits it; an interrupted unit resumes from its run directory's last round.
 `run` is one piece: it runs one unit, then starts more while its time budget (--hours) leaves room for them
 (see _estimate) and records the piece in pieces.json, so the study goes on, on another machine too, with the
-next `run`. `report` turns the unit files into results.json and results.md.
+next `run`. `--only` keeps a piece to the units whose names match a glob, in plan order (`final-zero_shot-*`:
+a short unit for a short slot; `final-*-s1`: one seed's finals). `report` turns the unit files into
+results.json and results.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from fnmatch import fnmatch
 from pathlib import Path
 
 from common import machine  # benchmarks/ is the script's folder, on sys.path
@@ -231,12 +234,14 @@ def _commit(paths: list[Path], message: str) -> None:
     subprocess.run(["git", "commit", "-q", "-m", message, "--", *map(str, paths)], cwd=repo, check=False)
 
 
-def cmd_run(plan: Plan, hours: float, commit: bool) -> None:
+def cmd_run(plan: Plan, hours: float, commit: bool, only: str = "*") -> None:
+    if not any(fnmatch(u.name, only) for u in units(plan)):
+        raise SystemExit(f"--only {only!r} matches no unit of {plan.path} (see `study.py status`)")
     budget, t0, ran = hours * 3600, time.perf_counter(), []
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     piece = len(_read_pieces(plan))  # this piece's place in pieces.json: two pieces may start in the same second
     while True:
-        todo = [(u, o) for u in units(plan) if read_unit(plan, u) is None
+        todo = [(u, o) for u in units(plan) if read_unit(plan, u) is None and fnmatch(u.name, only)
                 for o in [overrides_of(plan, u)] if o is not None]
         if not todo:
             break
@@ -424,12 +429,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["run", "report", "status"])
     parser.add_argument("--plan", default=str(HERE / "study_plan.toml"))
     parser.add_argument("--hours", type=float, default=2.5, help="time budget of this piece")
+    parser.add_argument("--only", default="*", help="run only the units whose names match this glob")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished unit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     plan = Plan.load(Path(args.plan).resolve())
     if args.command == "run":
-        cmd_run(plan, args.hours, args.commit)
+        cmd_run(plan, args.hours, args.commit, args.only)
     elif args.command == "report":
         cmd_report(plan)
     else:

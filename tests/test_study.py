@@ -84,6 +84,15 @@ def test_a_piece_stops_at_its_budget_and_the_next_one_goes_on_without_redoing_un
     assert "Table 2" in md and "| unit hours |" in md
 
 
+def test_only_keeps_a_piece_to_the_units_it_matches(study):
+    module, root = study
+    module.main(["run", "--plan", str(root / "plan.toml"), "--hours", "10", "--only", "tune-fedavg-*"])
+    assert sorted(p.stem for p in (root / "results" / "units").glob("*.json")) == ["tune-fedavg-c0-s0",
+                                                                                   "tune-fedavg-c1-s0"]
+    with pytest.raises(SystemExit, match="matches no unit"):  # a typo says so rather than running nothing
+        module.main(["run", "--plan", str(root / "plan.toml"), "--only", "tune-fedavgg-*"])
+
+
 def test_two_pieces_started_in_the_same_second_are_both_recorded(study):
     module, root = study
     plan = module.Plan.load(root / "plan.toml")
