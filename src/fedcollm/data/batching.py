@@ -8,9 +8,11 @@ Tokenization follows lm-evaluation-harness: continuation tokens = enc(context + 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedcollm.data.tasks import MCExample
 
@@ -67,11 +69,19 @@ def last_positions(length: int, count: int, device, end: int = 0) -> torch.Tenso
     return torch.arange(length - count - end, length - end, device=device)
 
 
+# cuDNN's attention, which PyTorch picks by default for bf16/fp16 on Hopper GPUs, gives NaN gradients when a query
+# row attends to nothing, as the pad rows of a left-padded batch do (its forward is fine); the memory-efficient and
+# math kernels handle such rows. Measured on an H200 with torch 2.11 (tests/test_cuda.py, README "GPU").
+TRAINABLE_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
 def answer_logits(model, batch: AnswerBatch) -> torch.Tensor:
-    """Float logits [B, K, V] predicting the last K tokens (the continuation positions)."""
+    """Float logits [B, K, V] predicting the last K tokens (the continuation positions); on CUDA through attention
+    kernels whose backward survives the pad rows."""
     ids = batch.input_ids
-    out = model(input_ids=ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                logits_to_keep=last_positions(ids.shape[1], batch.keep, ids.device, end=1))
+    with sdpa_kernel(TRAINABLE_ATTENTION) if ids.is_cuda else nullcontext():
+        out = model(input_ids=ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    logits_to_keep=last_positions(ids.shape[1], batch.keep, ids.device, end=1))
     return out.logits.float()
 
 
