@@ -30,10 +30,25 @@ def use_shared_data() -> str | None:
 
 
 def timed(fn) -> float:
-    """Wall seconds of one call of `fn`."""
+    """Wall seconds of one call of `fn`, waiting for queued GPU work before and after (CUDA runs asynchronously)."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
+
+
+def sft_step(model, opt, batch, logits_fn=None) -> None:
+    """One AdamW step of answer CE (a client's step), through `logits_fn` (default fedcollm's answer_logits)."""
+    from fedcollm.data.batching import answer_logits
+    from fedcollm.distill.losses import answer_ce
+
+    opt.zero_grad(set_to_none=True)
+    answer_ce((logits_fn or answer_logits)(model, batch), batch.targets, batch.target_mask).backward()
+    opt.step()
 
 
 def bench_config(doc: str, config: Path, results: Path):

@@ -17,20 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from common import (  # benchmarks/ is the script's folder, on sys.path
     machine,
+    sft_step,
+    timed,
     use_shared_data,
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fedcollm.algorithms.training import cycle_batches, mutual_distill_step
 from fedcollm.config import Config
-from fedcollm.data.batching import SFTData, answer_logits
-from fedcollm.distill.losses import answer_ce
+from fedcollm.data.batching import SFTData
 from fedcollm.models.loading import cache_dir
 from fedcollm.models.lora import add_lora
 from fedcollm.workbench import load_data
@@ -72,26 +72,12 @@ def main() -> None:
     slm.train()
     d = cfg.distill
 
-    def timed(fn) -> float:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    def client_step(model, opt, batch) -> None:
-        opt.zero_grad(set_to_none=True)
-        answer_ce(answer_logits(model, batch), batch.targets, batch.target_mask).backward()
-        opt.step()
-
     seconds: dict[str, list[float]] = {"slm_step": [], "llm_step": [], "distill_step": []}
     batches = cycle_batches(aux, d.batch_size, seed=0)
     for i in range(args.steps + 1):
         batch = next(batches).to(args.device)
-        row = {"slm_step": timed(lambda: client_step(slm, opts["slm"], batch)),
-               "llm_step": timed(lambda: client_step(llm, opts["llm"], batch)),
+        row = {"slm_step": timed(lambda: sft_step(slm, opts["slm"], batch)),
+               "llm_step": timed(lambda: sft_step(llm, opts["llm"], batch)),
                "distill_step": timed(lambda: mutual_distill_step(llm, slm, batch, opts["llm"], opts["slm"],
                                                                  d.kd_weight, d.temperature, d.kl_direction,
                                                                  d.top_k))}

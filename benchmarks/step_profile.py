@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from common import (  # benchmarks/ is the script's folder, on sys.path
     machine,
+    sft_step,
     timed,
     use_shared_data,
 )
@@ -31,7 +32,6 @@ from fedcollm.algorithms import training
 from fedcollm.algorithms.training import cycle_batches, mutual_distill_step
 from fedcollm.config import Config
 from fedcollm.data.batching import answer_logits
-from fedcollm.distill.losses import answer_ce
 from fedcollm.workbench import Workbench
 
 HERE = Path(__file__).resolve().parent
@@ -45,12 +45,6 @@ def strided_answer_logits(model, batch):
 
 
 ARMS = {"before": strided_answer_logits, "after": answer_logits}
-
-
-def sft_step(model, opt, batch, logits_fn) -> None:
-    opt.zero_grad(set_to_none=True)
-    answer_ce(logits_fn(model, batch), batch.targets, batch.target_mask).backward()
-    opt.step()
 
 
 def top_ops(fn, rows: int = 6) -> list[dict]:
