@@ -43,7 +43,7 @@ def check(batch, dtype: torch.dtype, kernels) -> dict:
     model.config._attn_implementation = "eager" if kernels == "eager" else "sdpa"
     model = model.to("cuda", dtype)
     ids = batch.input_ids
-    try:
+    try:  # answer_logits' own forward, without its kernel choice (which would override the one under test)
         with sdpa_kernel(kernels) if isinstance(kernels, list) else torch.enable_grad():
             logits = model(input_ids=ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                            logits_to_keep=last_positions(ids.shape[1], batch.keep, ids.device, end=1)).logits

@@ -39,9 +39,10 @@ HERE = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def random_model(model_dir: Path, layers: int, dtype: torch.dtype, device: str, cfg: Config, seed: int):
+def random_model(model_dir: Path, layers: int | None, dtype: torch.dtype, device: str, cfg: Config, seed: int):
+    """The model of `model_dir`'s config (cut to `layers` decoder layers, if given) with random weights, plus LoRA."""
     config = AutoConfig.from_pretrained(model_dir)
-    config.num_hidden_layers = layers
+    config.num_hidden_layers = layers or config.num_hidden_layers
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     return add_lora(model, cfg.model.lora, seed)
@@ -57,14 +58,15 @@ def main() -> None:
     parser.add_argument("--slm-layers", type=int, default=20)
     parser.add_argument("--out", default=str(HERE / "results" / "device-steps.json"))
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1 (timed steps after the warm-up), got {args.steps}")
 
     use_shared_data()
     cfg = Config.from_toml(args.config)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     aux = SFTData(load_data(cfg)[0].aux, tokenizer, cfg.model.max_length)
     dtype = DTYPES[args.dtype]
-    llm = random_model(Path(args.model_dir), AutoConfig.from_pretrained(args.model_dir).num_hidden_layers, dtype,
-                       args.device, cfg, 0)
+    llm = random_model(Path(args.model_dir), None, dtype, args.device, cfg, 0)
     slm = random_model(Path(args.model_dir), args.slm_layers, dtype, args.device, cfg, 1)
     opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
             for name, m in (("slm", slm), ("llm", llm))}

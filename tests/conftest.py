@@ -12,6 +12,9 @@ from fedcollm.config import Config, preset_tasks
 from fedcollm.data.tasks import load_train_split
 from fedcollm.models.tiny import tiny_llama, tiny_pair, tiny_qwen2, tiny_tokenizer
 
+TINY_FEDMKT = {"top_k": 8, "llm_lr": 1e-2, "slm_lr": 1e-2, "batch_size": 4}
+"""The fedmkt table of the tiny setting: top-k 8 and rates that move tiny models in a few steps."""
+
 DATA_DIR = os.environ.get("FEDCOLLM_DATA", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import hetero_models, tiny_config
+from conftest import TINY_FEDMKT, hetero_models, tiny_config
 
 from fedcollm.engines.inprocess import run_method
 from fedcollm.models.loading import resolve_device, resolve_dtype
@@ -23,7 +23,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 CUDA = torch.device("cuda")
 METHODS = ["zero_shot", "standalone", "fedavg", "centralized", "fedcollm", "fedmkt"]
-MKT = {"top_k": 8, "llm_lr": 1e-2, "slm_lr": 1e-2, "batch_size": 4}
 
 
 def _workbench(data_dir, tokenizer, out, device, dtype, client_slms=None, **sections) -> Workbench:
@@ -55,7 +54,7 @@ def test_auto_picks_cuda_and_bf16():
 
 
 def test_every_method_trains_on_the_gpu_in_bf16(data_dir, tokenizer, tmp_path):
-    wb = _workbench(data_dir, tokenizer, tmp_path, CUDA, torch.bfloat16, run={"methods": METHODS}, fedmkt=MKT)
+    wb = _workbench(data_dir, tokenizer, tmp_path, CUDA, torch.bfloat16, run={"methods": METHODS}, fedmkt=TINY_FEDMKT)
     assert next(wb.llm.parameters()).device.type == CUDA.type
     run = RunDir(tmp_path)
     for method in METHODS:
@@ -73,10 +72,10 @@ def test_every_method_trains_on_the_gpu_in_bf16(data_dir, tokenizer, tmp_path):
         assert all(math.isfinite(v.float().abs().max().item()) for s in states.values() for v in s.values())
 
 
-def test_fp32_on_the_gpu_matches_the_cpu(data_dir, tokenizer, tmp_path):
+def test_fp32_on_the_gpu_matches_the_cpu(data_dir, tokenizer, tmp_path, monkeypatch):
     """Same seed, same data order: one FedCoLLM round's adapters agree to float tolerance across devices."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     sections = {"run": {"methods": ["fedcollm"]}, "federation": {"rounds": 1}}
     finals = {}
     for device in ("cpu", "cuda"):
@@ -92,7 +91,7 @@ def test_fp32_on_the_gpu_matches_the_cpu(data_dir, tokenizer, tmp_path):
 def test_fedmkt_across_tokenizers_on_the_gpu(data_dir, tokenizer, client_tokenizers, tmp_path):
     wb = _workbench(data_dir, tokenizer, tmp_path, CUDA, torch.bfloat16, client_slms=hetero_models(client_tokenizers),
                     model={"client_slms": ["tiny-llama", "tiny-qwen2", "tiny-llama"]}, run={"methods": ["fedmkt"]},
-                    fedmkt=MKT)
+                    fedmkt=TINY_FEDMKT)
     run = RunDir(tmp_path)
     final = run_method(wb, "fedmkt", run)
     records = run.read_metrics("fedmkt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_FEDMKT
 
 from fedcollm.algorithms.training import public_topk
 from fedcollm.alignment.exchange import FIELDS, PREFIX, from_tensors, to_tensors
@@ -18,8 +19,8 @@ from fedcollm.methods.fedmkt import FedMKT, adapter_part, covering, transfer_tar
 from fedcollm.models.lora import load_adapter_state
 from fedcollm.runs import RunDir
 
-K = 8
-MKT = {"top_k": K, "llm_lr": 1e-2, "slm_lr": 1e-2, "batch_size": 4}
+MKT = TINY_FEDMKT
+K = MKT["top_k"]
 
 
 @pytest.fixture

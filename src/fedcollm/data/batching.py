@@ -71,7 +71,7 @@ def last_positions(length: int, count: int, device, end: int = 0) -> torch.Tenso
 
 # cuDNN's attention, which PyTorch picks by default for bf16/fp16 on Hopper GPUs, gives NaN gradients when a query
 # row attends to nothing, as the pad rows of a left-padded batch do (its forward is fine); the memory-efficient and
-# math kernels handle such rows. Measured on an H200 with torch 2.11 (tests/test_cuda.py, README "GPU").
+# math kernels handle such rows. Measured on an H200 with torch 2.11 (tests/test_cuda.py; README, "On a GPU").
 TRAINABLE_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
