@@ -27,6 +27,7 @@ from typing import Any, ClassVar, get_type_hints
 from fedcollm.errors import ConfigError
 
 METHODS = ("zero_shot", "standalone", "fedavg", "centralized", "fedcollm", "fedmkt")
+AGGREGATORS = ("fedavg", "median", "trimmed_mean", "krum")
 
 __all__ = ["Config", "ConfigError", "TaskConfig", "METHODS", "preset_tasks", "parse_derived_spec"]
 
@@ -231,10 +232,23 @@ class FederationConfig:
     """Fewest clients sampled a round; a round whose accepted uploads fall below it keeps the global adapter."""
     max_examples: int = 100_000
     """A client's claimed example count above this is cut to it (logged with the client's name): bounds its weight."""
-    max_update_ratio: float = 2.0
-    """Largest L2 norm of a client's change to the adapter it was sent, relative to that adapter's norm."""
+    max_share: float = 0.3
+    """Largest share of a round's total weight one client may hold in FedAvg (weights above it are cut and the rest
+    renormalised); where fewer than 1 / max_share clients are accepted, their weights become equal."""
+    max_update_ratio: float = 3.0
+    """Largest L2 norm of a client's change to the adapter it was sent, as a multiple of the median change norm of
+    the round's accepted updates (a bound no single client can raise, so it cannot compound over rounds)."""
+    max_update_norm: float = 0.0
+    """A fixed largest L2 norm of a client's change instead of max_update_ratio x median; 0 = use the median rule."""
     norm_action: str = "clip"
-    """What happens to an update over max_update_ratio: clip (scale the change down to the bound) or reject."""
+    """What happens to an update over the norm bound: clip (scale the change down to the bound) or reject."""
+    aggregator: str = "fedavg"
+    """How accepted updates combine: fedavg (weighted mean), median (coordinate-wise), trimmed_mean (coordinate-wise,
+    trim_fraction cut at each end) or krum (the update closest to its n - byzantine - 2 nearest neighbours)."""
+    trim_fraction: float = 0.1
+    """trimmed_mean: share of the updates dropped at each end of every coordinate, in [0, 0.5)."""
+    byzantine: int = 1
+    """krum: number of malicious clients it tolerates (needs more than 2 x byzantine + 2 updates)."""
 
     def __post_init__(self) -> None:
         _check(self.clients >= 1, "federation.clients", "must be >= 1")
@@ -244,6 +258,11 @@ class FederationConfig:
         _check(self.max_examples >= 1, "federation.max_examples", "must be >= 1")
         _check(self.max_update_ratio > 0, "federation.max_update_ratio", "must be > 0")
         _check(self.norm_action in ("clip", "reject"), "federation.norm_action", "clip or reject")
+        _check(0.0 < self.max_share <= 1.0, "federation.max_share", "must be in (0, 1]")
+        _check(self.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0 (0 = median rule)")
+        _check(self.aggregator in AGGREGATORS, "federation.aggregator", " / ".join(AGGREGATORS))
+        _check(0.0 <= self.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)")
+        _check(self.byzantine >= 0, "federation.byzantine", "must be >= 0")
         _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
         _check(self.local_epochs >= 1, "federation.local_epochs", "must be >= 1")
         _check(self.client_lr > 0, "federation.client_lr", "must be > 0")
@@ -328,16 +347,31 @@ class FedMKTConfig:
 @dataclass
 class DPConfig:
     noise_multiplier: float = 0.0
-    """z: client-level DP on the shared adapter, Gaussian noise std z * clip_norm / clients sampled; 0 = off."""
+    """z: client-level DP on the shared adapter; the Gaussian noise on the clipped sum has std z x its sensitivity
+    (dp-accounting's meaning of a noise multiplier), see `sampling`; 0 = off."""
     clip_norm: float = 1.0
     """C: with DP on, each client's change to the adapter is clipped to this L2 norm and changes are averaged unweighted."""
     delta: float = 1e-5
     """delta at which the accountant reports epsilon after every round."""
+    sampling: str = "fixed"
+    """fixed: federation.fraction_fit of the K clients, a fixed number m, drawn without replacement (replace-one
+    neighbours, sensitivity 2C on the sum; with m = K no amplification, add-or-remove-one, sensitivity C); poisson:
+    each client independently with probability fraction_fit (add-or-remove-one, sensitivity C). Either way the sum
+    is divided by the expected number of clients, and a rejected or missing client counts as a zero change."""
+    mode: str = "central"
+    """central: the server adds the noise to the clipped sum; distributed (needs secagg.enabled): each sampled client
+    adds its share of the noise before masking, so the server never sees a noiseless sum."""
+    min_noising_clients: int = 0
+    """distributed: the fewest sampled clients assumed to add their share honestly (each adds variance 1 / this of
+    the total); 0 = every client sampled."""
 
     def __post_init__(self) -> None:
         _check(self.noise_multiplier >= 0, "dp.noise_multiplier", "must be >= 0 (0 = off)")
         _check(self.clip_norm > 0, "dp.clip_norm", "must be > 0")
         _check(0 < self.delta < 1, "dp.delta", "must be in (0, 1)")
+        _check(self.sampling in ("fixed", "poisson"), "dp.sampling", "fixed or poisson")
+        _check(self.mode in ("central", "distributed"), "dp.mode", "central or distributed")
+        _check(self.min_noising_clients >= 0, "dp.min_noising_clients", "must be >= 0 (0 = every client sampled)")
 
 
 @dataclass
