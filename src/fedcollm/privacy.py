@@ -9,8 +9,11 @@ the guarantee.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from fedcollm.config import DPConfig
 from fedcollm.errors import ConfigError
 from fedcollm.models.lora import AdapterState
 
@@ -28,6 +31,34 @@ def add_noise(state: AdapterState, std: float, seed: int) -> AdapterState:
     gen = torch.Generator().manual_seed(seed)
     return {k: (v.double() + torch.randn(v.shape, generator=gen, dtype=torch.float64) * std).to(v.dtype)
             for k, v in state.items()}
+
+
+def expected_clients(dp: DPConfig, population: int, fraction: float, minimum: int) -> float:
+    """The fixed denominator of the private mean: the number of clients sampled (fixed) or its expectation
+    (poisson). Dividing by this, never by the number that answered, keeps the sensitivity what the accountant
+    assumes whoever drops out or is rejected."""
+    if dp.sampling == "poisson":
+        return fraction * population
+    return float(min(population, max(minimum, math.ceil(fraction * population - 1e-9))))
+
+
+def sum_sensitivity(dp: DPConfig, population: int, sampled: float) -> float:
+    """L2 sensitivity of the sum of clipped changes under the accounted neighbouring relation: replacing one
+    client (fixed-size sampling of fewer than all) moves it by up to 2C; adding or removing one by C."""
+    replace_one = dp.sampling == "fixed" and sampled < population
+    return (2.0 if replace_one else 1.0) * dp.clip_norm
+
+
+def sum_noise_std(dp: DPConfig, population: int, sampled: float) -> float:
+    """Std of the Gaussian noise on the clipped sum: z x sensitivity (dp-accounting's noise multiplier)."""
+    return dp.noise_multiplier * sum_sensitivity(dp, population, sampled)
+
+
+def client_noise_std(dp: DPConfig, population: int, sampled: float) -> float:
+    """Distributed DP: the std each sampled client adds to its own clipped change, so that any
+    dp.min_noising_clients (default: all sampled) honest shares add up to the central noise on the sum."""
+    honest = dp.min_noising_clients or sampled
+    return sum_noise_std(dp, population, sampled) / math.sqrt(honest)
 
 
 def epsilon(rounds: int, noise_multiplier: float, sampled: int, population: int, delta: float) -> float:
