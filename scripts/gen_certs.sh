@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Generate a self-signed CA and a SuperLink TLS certificate signed by it.
 # Usage: SAN="DNS:server.example.org,IP:10.1.2.3" scripts/gen_certs.sh [OUT_DIR]   (default OUT_DIR: ./certs)
-# SAN lists the names/addresses SuperNodes and `flwr run` use to reach the SuperLink (default: localhost only).
+# SAN adds the names/addresses SuperNodes use to reach the SuperLink; localhost is always included (the operator's
+# `flwr` CLI reaches the full API on 127.0.0.1 of the server).
 # Give ca.crt to every SuperNode and to the machine running `flwr run`; server.key never leaves the SuperLink.
 # Produces: ca.crt ca.key server.crt server.key (PEM). Idempotent: overwrites.
 set -euo pipefail
@@ -24,7 +25,7 @@ cat > server.ext <<EXT
 basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=${SAN:-DNS:localhost,IP:127.0.0.1,IP:::1}
+subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1${SAN:+,$SAN}
 EXT
 openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
   -out server.crt -days 365 -sha256 -extfile server.ext 2>/dev/null

@@ -117,11 +117,11 @@ def make_hetero_workbench(data_dir, tokenizer, client_tokenizers):
 
 def patch_tiny_build(mp: pytest.MonkeyPatch, tokenizer) -> None:
     """Make Workbench.build load tiny models (whatever model the config names), so CLI paths run in seconds."""
-    from fedcollm.workbench import Workbench
+    from fedcollm.workbench import Workbench, load_data
 
-    def build(cls, cfg):
+    def build(cls, cfg, clients=True):
         llm, slm = tiny_pair(seed=0)
-        return Workbench.from_models(cfg, llm, slm, tokenizer, "tiny-llm", "tiny-slm")
+        return Workbench.from_models(cfg, llm, slm, tokenizer, "tiny-llm", "tiny-slm", data=load_data(cfg, clients))
 
     mp.setattr(Workbench, "build", classmethod(build))
 

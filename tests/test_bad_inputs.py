@@ -98,6 +98,13 @@ ROWS = [
     (_row(answer="A", labels="AB"), "line 2: field 'labels' must list one string label per choice"),
     (_row(answer="A", labels=[1, 2]), "line 2: field 'labels' must list one string label per choice"),
     (_row(id="g"), "line 2: duplicate id 'g' (first at"),
+    # against d614e59 these four got through: a RecursionError traceback for the first; the other three passed
+    # validation (a lone surrogate then crashed the tokenizer with a TypeError after the models had loaded)
+    (_row(deep=[[[[]]]]).replace("[[[[]]]]", "[" * 100_000 + "]" * 100_000), "line 2: JSON nested too deeply"),
+    (_row(question="Which \ud800 is a fruit?"), "line 2: field 'question' holds a lone surrogate '\\ud800' (at "
+     "character 7)"),
+    (_row(choices=["apple", "st\udfffone"]), "line 2: field 'choices[1]' holds a lone surrogate"),
+    (_row(question="Which\x00 is a fruit?"), "line 2: field 'question' holds a NUL character (at character 6)"),
 ]
 
 
@@ -128,6 +135,38 @@ def test_bad_data_file(tmp_path, content, expected):
     (tmp_path / "t" / "train.jsonl").write_bytes(content)
     with pytest.raises(DataError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         load_split("t", TaskConfig(path="t", train_split="train"), "train", str(tmp_path))
+
+
+def test_cr_only_line_ends_are_accepted(tmp_path):
+    """Old Mac line ends (CR alone) are line ends too; against d614e59 such a file was one line, refused as
+    "line 1: not valid JSON (Extra data ...)"."""
+    (tmp_path / "t").mkdir()
+    rows = [json.dumps(GOOD), json.dumps(GOOD | {"id": "h"})]
+    (tmp_path / "t" / "train.jsonl").write_bytes("\r".join(rows).encode() + b"\r")
+    examples = load_split("t", TaskConfig(path="t", train_split="train"), "train", str(tmp_path))
+    assert [ex.id for ex in examples] == ["g", "h"]
+    (tmp_path / "t" / "train.jsonl").write_bytes(f"{rows[0]}\r{rows[0]}\r".encode())  # and lines are counted
+    with pytest.raises(DataError, match="train.jsonl, line 2: duplicate id 'g'"):
+        load_split("t", TaskConfig(path="t", train_split="train"), "train", str(tmp_path))
+
+
+def test_text_a_tokenizer_cannot_take_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """Against d614e59 a question holding a lone surrogate passed validation and the run went on to load the
+    models (here: reached resolve_model_dir); the tokenizer then failed on it with a raw TypeError."""
+    import fedcollm.models.derive
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was resolved before the data was validated")
+
+    monkeypatch.setattr(fedcollm.models.derive, "resolve_model_dir", no_models)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "train.jsonl").write_text(json.dumps(GOOD) + "\n" + _row(question="Which \udc80?") + "\n")
+    (tmp_path / "t" / "test.jsonl").write_text(json.dumps(GOOD) + "\n")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[data]\ndata_dir = "{tmp_path}"\ntasks = ["t"]\n\n'
+                      '[tasks.t]\npath = "t"\ntrain_split = "train"\n')
+    _dispatch_error(["run", "--config", str(config), "--out", str(tmp_path / "run")], DataError,
+                    f"{tmp_path / 't' / 'train.jsonl'}, line 2: field 'question' holds a lone surrogate")
 
 
 def test_missing_split_file_folder_and_directory_in_place_of_a_file(tmp_path):
@@ -356,6 +395,7 @@ TOML = [
     (b"model = \"x\"\n", "model: expected a table"),
     (b"[federation]\nclientz = 3\n", "federation: unknown field(s) clientz"),
     (b"[data]\ntasks = [\"arc_easy\", \"mmlu\"]\n", "data.tasks: unknown task 'mmlu'"),
+    (b"a = " + b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # d614e59: a raw RecursionError
 ]
 
 
@@ -504,6 +544,15 @@ RESUME_DAMAGE = [
     (lambda r: (r / "config.json").write_text('{"federation": {"clients": 0}}'), ConfigError,
      "federation.clients: must be >= 1"),
     (lambda r: _truncate(r / ROUND / "done.json"), RunDirError, "round_002/done.json: round record is not valid JSON"),
+    # against d614e59: a stray round_abc was a raw ValueError (invalid literal for int()); round_2 was taken for
+    # round 2 (resumed without a word); a round number written as true passed for round 1, then a raw KeyError
+    (lambda r: shutil.copytree(r / ROUND, r / "fedcollm" / "round_abc"), RunDirError,
+     "fedcollm/round_abc: not a round folder (round_NNN"),
+    (lambda r: shutil.copytree(r / ROUND, r / "fedcollm" / "round_2"), RunDirError, "round_2: not a round folder"),
+    (lambda r: (r / "fedcollm" / "round_001" / "done.json").write_text('{"round": true}'), RunDirError,
+     "round_001/done.json: not the record of round_001"),
+    (lambda r: (r / "config.json").write_text("[" * 100_000 + "]" * 100_000), RunDirError,  # d614e59: RecursionError
+     "config.json: run config is JSON nested too deeply"),
     (lambda r: shutil.copytree(r / ROUND, r / "fedcollm" / "round_003"), RunDirError,
      "round_003/done.json: not the record of round_003"),
     (_beyond_rounds, RunDirError, "round 5 is complete but the run's config has federation.rounds = 2"),
@@ -685,3 +734,108 @@ def test_a_good_payload_round_trips():
     payload = unpack(pack(Payload(REFERENCE, 7)), "c")
     validate_update(payload.tensors, REFERENCE, payload.num_examples, "c")
     assert payload.num_examples == 7
+
+
+# ---- what d614e59 accepted silently (issue 26, item 9) ----------------------------------------------------------
+def test_a_top_k_row_that_names_one_token_k_times_is_refused():
+    """A client's top-k in its own vocabulary names k distinct tokens. Against d614e59 from_tensors accepted a row
+    naming token 5 three times (logits 3, 2, 1); distilled, it became probability 1.0 on token 5, where an honest
+    top-3 with these logits gives it 0.67. A realigned top-k (with `aligned`) may repeat ids and still passes."""
+    from fedcollm.alignment.exchange import TopK, from_tensors, to_tensors
+
+    values = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]], dtype=torch.float16)
+    ids = torch.tensor([[7, 8, 9], [5, 5, 5]], dtype=torch.int32)
+    top = TopK.from_examples([values], [ids], torch.tensor([1.0]), torch.tensor([0]))
+    with pytest.raises(InvalidUpdate, match="top-k from client_1: field topk.ids repeats id 5 within row 1"):
+        from_tensors(to_tensors(top), "client_1", 100, 3)
+    top.aligned = torch.tensor([True, False])
+    assert from_tensors(to_tensors(top), "server", 100, 3).ids.equal(ids)
+
+
+COMBINATIONS = [  # each accepted by d614e59's Config
+    ({"dp": {"noise_multiplier": 1.0}, "run": {"methods": ["zero_shot", "standalone", "centralized"]}},
+     "dp.noise_multiplier: noises the shared SLM adapter, but none of run.methods = ['zero_shot', 'standalone', "
+     "'centralized'] shares one"),
+    ({"secagg": {"enabled": True, "num_shares": 5, "reconstruction_threshold": 3}, "federation": {"clients": 3}},
+     "secagg.num_shares: 5 shares, but 3 client(s) are sampled a round"),
+    ({"secagg": {"enabled": True}, "federation": {"clients": 4, "fraction_fit": 0.5}},
+     "secagg.num_shares: 3 shares, but 2 client(s) are sampled a round (federation.clients = 4, fraction_fit = 0.5)"),
+    ({"secagg": {"enabled": True}, "federation": {"clients": 2}}, "secagg.num_shares: 3 shares, but 2 client(s)"),
+]
+
+
+@pytest.mark.parametrize("data, expected", COMBINATIONS, ids=[f"combination{i}" for i in range(len(COMBINATIONS))])
+def test_config_that_would_silently_do_less_than_it_says(data, expected):
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict(data)
+    assert expected in str(err.value)
+    Config.from_dict(data | {"secagg": {"enabled": False}, "dp": {"noise_multiplier": 0.0}})  # each alone is fine
+
+
+def test_secagg_on_the_in_process_engine_is_refused(tmp_path, monkeypatch):
+    """The in-process engine has no SecAgg+: against d614e59 `fedcollm run --set secagg.enabled=true` ran plain
+    FedAvg with every client's adapter in the server's hands, and said nothing. Refused before anything loads,
+    for a new run and a resumed one."""
+    from fedcollm.workbench import Workbench
+
+    def no_build(cls, cfg, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(Workbench, "build", classmethod(no_build))
+    expected = "secagg.enabled = true needs the Flower engine"
+    _dispatch_error(["run", "--out", str(tmp_path / "new"), "--set", "secagg.enabled=true"], ConfigError, expected)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(Config().with_field("secagg.enabled", True).to_json())
+    _dispatch_error(["run", "--resume", str(tmp_path / "old")], ConfigError, expected)
+
+
+# ---- a Flower client's node config and data-config ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client_setup(tmp_path_factory, data_dir, tokenizer):
+    """The server setup a Flower client receives (tiny models saved to disk), as `_client_side` reads it."""
+    from conftest import tiny_config
+
+    from fedcollm.models.tiny import tiny_pair
+
+    root = tmp_path_factory.mktemp("client")
+    for name, model in zip(("llm", "slm"), tiny_pair(seed=0)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    cfg = tiny_config(data_dir, str(root / "run"), model={"llm": str(root / "llm"), "slm": str(root / "slm")})
+    return cfg.to_json()
+
+
+def _client(setup: str, node: dict):
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedcollm.engines.flower import client_app
+
+    state = RecordDict({"fedcollm": ConfigRecord({"config": setup})})
+    return client_app._client_side(Context(run_id=7, node_id=1, node_config=node, state=state, run_config={}))
+
+
+NODE_CONFIGS = [  # against d614e59: 1.5 was cut to client 1, "1" read as client 1, the rest were run as described
+    ({"partition-id": 1.5}, ConfigError, "node config: partition-id must be a whole number", "got float 1.5"),
+    ({"partition-id": "1"}, ConfigError, "node config: partition-id must be a whole number", "got str '1'"),
+    ({"partition-id": True}, ConfigError, "node config: partition-id must be a whole number", "got bool True"),
+    # an empty data-config: trained on the four default tasks instead of the server's
+    ({"partition-id": 0, "data-config": ""}, ConfigError, "mine.toml: a data-config must name the tasks", "default"),
+    ({"partition-id": 0, "data-config": "[data]\ndata_dir = '/x'\n"}, ConfigError, "must name the tasks", ""),
+    # other tables were dropped without a word
+    ({"partition-id": 0, "data-config": "[data]\ntasks = ['arc_easy']\n[federation]\nrounds = 9\n"}, ConfigError,
+     "mine.toml: a data-config holds only [data] and [tasks.NAME] tables, but it has [federation]", ""),
+    ({"partition-id": 0, "data-config": "[dp]\nnoise_multiplier = 1.0\n"}, ConfigError, "but it has [dp]", ""),
+]
+
+
+@pytest.mark.parametrize("node, kind, expected, detail", NODE_CONFIGS, ids=[f"node{i}" for i in range(len(NODE_CONFIGS))])
+def test_bad_node_config_is_refused_before_the_client_loads_anything(client_setup, tmp_path, node, kind, expected,
+                                                                    detail):
+    pytest.importorskip("flwr")
+    if "data-config" in node:
+        (tmp_path / "mine.toml").write_text(node["data-config"])
+        node = node | {"data-config": str(tmp_path / "mine.toml")}
+    with pytest.raises(kind) as err:
+        _client(client_setup, node)
+    assert expected in str(err.value) and detail in str(err.value), str(err.value)

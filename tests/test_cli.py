@@ -3,6 +3,7 @@ import json
 import pytest
 
 from fedcollm import cli
+from fedcollm.config import Config
 
 
 def _args(tmp_path, data_dir, *extra):
@@ -41,8 +42,44 @@ def test_rerun_into_an_existing_run_refuses_and_resume_finishes(tiny_build, tmp_
     assert json.loads((tmp_path / "run" / "results.json").read_text())["llm"] == json.loads(first)["llm"]
 
 
-def test_bad_override_is_one_line_naming_the_field(capsys):
+def _main(argv: list[str]) -> int:
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["run", "--set", "federation.clients=0"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "fedcollm: error: --set: federation.clients: must be >= 1\n"
+        cli.main(argv)
+    return exit_info.value.code
+
+
+def test_bad_input_is_one_line_with_its_traceback_in_the_cache_log(capsys, tmp_path, monkeypatch):
+    """No run directory yet: the traceback goes to the cache's errors.log, named in the one line (d614e59 wrote
+    the line but kept no traceback anywhere)."""
+    monkeypatch.setenv("FEDCOLLM_CACHE", str(tmp_path / "cache"))
+    assert _main(["run", "--set", "federation.clients=0"]) == 2
+    log = tmp_path / "cache" / "errors.log"
+    assert capsys.readouterr().err == f"fedcollm: error: --set: federation.clients: must be >= 1 (traceback in {log})\n"
+    assert "Traceback" in log.read_text() and "ConfigError: --set: federation.clients" in log.read_text()
+
+
+def test_an_error_in_a_started_run_is_logged_in_its_directory(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDCOLLM_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(Config().to_json())
+    assert _main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(f"results file not found (traceback in {run / 'errors.log'})\n")
+    assert "RunDirError" in (run / "errors.log").read_text() and not (tmp_path / "cache").exists()
+
+
+def test_an_unexpected_exception_is_one_line_too(capsys, tmp_path, monkeypatch):
+    """A bug (or bad input no check caught) is no traceback on the terminal either: against d614e59 anything but
+    a FedcollmError, e.g. the RecursionError of a deeply nested data row, printed a raw traceback."""
+    def bug(cfg):
+        raise KeyError("timing")
+
+    monkeypatch.setenv("FEDCOLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "run_experiment", bug)
+    assert _main(["run", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"fedcollm: internal error (KeyError; please report it): 'timing' "
+                   f"(traceback in {tmp_path / 'cache' / 'errors.log'})\n")
+    assert "in bug" in (tmp_path / "cache" / "errors.log").read_text()
+    assert not (tmp_path / "run").exists()

@@ -126,8 +126,7 @@ def test_a_poisoning_client_cannot_take_over_the_average(make_workbench, tmp_pat
     with caplog.at_level("WARNING"):
         run_method(wb, "fedavg", RunDir(tmp_path), InProcessTransport(
             [SimulatedClient(wb, 0), GreedyClient(wb, 1), SimulatedClient(wb, 2)]))
-    assert "client client_1: claimed 1000000000000 examples" in caplog.text
-    assert "client client_1: update norm" in caplog.text and "clipped" in caplog.text
+    assert "client client_1: claims 1000000000000 examples but declared" in caplog.text  # rejected, so not averaged
     run_method(honest, "fedavg", RunDir(tmp_path / "h"))
     refs = {"slm": wb.slm_init}
     poisoned = RunDir(tmp_path).load_round("fedavg", 1, refs)["slm"]
@@ -136,7 +135,7 @@ def test_a_poisoning_client_cannot_take_over_the_average(make_workbench, tmp_pat
     def dist(a, b):
         return float(torch.sqrt(sum(((a[k] - b[k]).double() ** 2).sum() for k in a)))
     init_norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in wb.slm_init.values())))
-    # the average moved by at most the clipped change weighted by the capped count, not by 10^6
+    # the average is the honest clients', not moved by 10^6
     assert dist(poisoned, wb.slm_init) <= 2.0 * init_norm and dist(poisoned, clean) < 2.0 * init_norm
 
 

@@ -15,7 +15,13 @@ from fedcollm.comm import Payload, pack, states_equal, unpack
 from fedcollm.config import Config
 from fedcollm.engines.inprocess import InProcessTransport, SimulatedClient, run_method
 from fedcollm.errors import ConfigError
-from fedcollm.methods.fedmkt import FedMKT, adapter_part, covering, transfer_targets
+from fedcollm.methods.fedmkt import (
+    FedMKT,
+    adapter_part,
+    covering,
+    topk_ce,
+    transfer_targets,
+)
 from fedcollm.models.lora import load_adapter_state
 from fedcollm.runs import RunDir
 
@@ -148,7 +154,7 @@ def _round_one(wb, method: FedMKT):
     assert all(set(t.tensors) == set(wb.slm_init) for t in tasks.values())  # round 1 carries no LLM top-k
     replies = {c: unpack(pack(FedMKT.client_fit(SimulatedClient(wb, k).resources, tasks[c], 1)))
                for k, c in enumerate(names)}
-    accepted = {c: method.check_reply(tasks[c], replies[c], c) for c in names}
+    accepted = {c: method.check_reply(tasks[c], replies[c], c, len(wb.client_data[k])) for k, c in enumerate(names)}
     return states, method.aggregate(states, accepted, 1), replies
 
 
@@ -156,8 +162,12 @@ def test_server_distils_the_llm_with_dual_min_ce_and_sends_its_topk(wb):
     method = FedMKT(wb)
     before, states, replies = _round_one(wb, method)
     assert all(states_equal(states[c], adapter_part(replies[c].tensors)) for c in replies)  # each keeps its own
-    llm_ce = public_topk(wb.llm, wb.aux_data, K, len(wb.tokenizer), 4).ce  # the LLM's own, before distillation
-    best_client_ce = torch.stack([_topk_of(r.tensors, wb).ce for r in replies.values()]).min(0).values
+    llm_top = public_topk(wb.llm, wb.aux_data, K, len(wb.tokenizer), 4)  # the LLM's own, before distillation
+    client_tops = [_topk_of(r.tensors, wb) for r in replies.values()]
+    # every candidate is scored by the server from its top-k: a lower bound on the CE an honest client reports
+    assert all((topk_ce(t, wb.aux_data) <= t.ce + 1e-5).all() for t in client_tops + [llm_top])
+    llm_ce = topk_ce(llm_top, wb.aux_data)
+    best_client_ce = torch.stack([topk_ce(t, wb.aux_data) for t in client_tops]).min(0).values
 
     states, info, timing = method.server_update(states, 1)
     assert info["teachers"] == 3 and info["aligned_fraction"] == 1.0
@@ -177,8 +187,9 @@ def test_shared_adapters_are_averaged(make_workbench, tmp_path):
     wb = make_workbench(str(tmp_path), fedmkt=MKT | {"share_adapters": True}, run={"methods": ["fedmkt"]})
     _, states, replies = _round_one(wb, FedMKT(wb))
     assert set(states) == {"llm", "slm"}
-    expected = fedavg([(adapter_part(r.tensors), r.num_examples) for r in replies.values()])
-    assert states_equal(states["slm"], expected)
+    # equal weights: 3 clients are fewer than 1 / federation.max_share, which no weighting could respect
+    expected = fedavg([(adapter_part(r.tensors), 1) for r in replies.values()])
+    assert all(torch.allclose(states["slm"][k], expected[k], atol=1e-7) for k in expected)
 
 
 # ---- engine ---------------------------------------------------------------------------------------------------

@@ -279,3 +279,27 @@ def test_a_client_with_its_own_model_and_tokenizer_answers_in_its_own_vocabulary
     assert top.example_ids.tolist() == list(range(len(wb.aux_data)))
     assert torch.equal(top.ids, from_tensors(theirs.tensors, "in-process", 400, 4).ids)
     assert all((ours.tensors[k] - theirs.tensors[k]).abs().max() < 1e-5 for k in theirs.tensors if "lora" in k)
+
+
+def test_a_secure_client_masks_its_change_with_a_capped_count_and_counts_its_clipped_entries(model_dirs, data_dir):
+    """train_secure (secaggplus_mod's inner handler) uploads theta_k - sent, not theta_k, in float64; reports the
+    weight element the server assigned, at most the quantization range (so summed elements cannot wrap); and how
+    many entries Flower's clip to +-secagg.clipping_range will change (scaled by that weight), as a count only."""
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fedcollm.engines.flower.secagg import CLIPPED, to_arrays
+
+    context = _context({"partition-id": 0, "num-partitions": 3})
+    cfg = _config(model_dirs, data_dir) | {"secagg": {"enabled": True, "clipping_range": 1e-3, "quantization_range": 8}}
+    _ask(client_app.setup, RecordDict({"setup": ConfigRecord({"config": json.dumps(cfg)})}), context, "query")
+    sent = {k: v.clone() for k, v in client_app.adapter_state(client_app._client_side(context).slm).items()}
+    plain = from_record(_ask(client_app.train, to_record(Payload(sent), round=1), context, "train").content, "c")
+    fitins = FitIns(ndarrays_to_parameters(to_arrays(sent)), {"round": 1, "weight": 99})
+    reply = _ask(client_app.train_secure, compat.fitins_to_recorddict(fitins, True), context, "train")
+    res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    change = parameters_to_ndarrays(res.parameters)
+    expected = [(a.astype("float64") - b.astype("float64")) for a, b in zip(to_arrays(plain.tensors), to_arrays(sent))]
+    assert all(c.dtype == "float64" and abs(c - e).max() < 1e-6 for c, e in zip(change, expected))
+    assert res.num_examples == 8
+    assert res.metrics[CLIPPED] == sum(int((abs(e) > 1e-3).sum()) for e in expected) > 0

@@ -8,6 +8,7 @@ import shutil
 import threading
 
 import pytest
+import torch
 
 pytest.importorskip("flwr")
 if not shutil.which("flower-superlink") or not shutil.which("openssl"):
@@ -19,6 +20,8 @@ from fedcollm import cli  # noqa: E402
 from fedcollm.comm import states_equal  # noqa: E402
 from fedcollm.engines.flower.loopback import LoopbackFederation  # noqa: E402
 from fedcollm.runs import RunDir  # noqa: E402
+
+SERVER_DATA = {"aux_tasks": ["openbookqa"]}  # D^a apart from the clients' task: a Flower server holds no client row
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def tiny_setup(tmp_path_factory, data_dir, tokenizer):
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     config = root / "tiny.toml"
-    config.write_text(tiny_toml(data_dir, model={"llm": str(root / "llm"), "slm": str(root / "slm")}))
+    config.write_text(tiny_toml(data_dir, data=SERVER_DATA, model={"llm": str(root / "llm"), "slm": str(root / "slm")}))
     reference = root / "inprocess"
     cli.dispatch(["run", "--config", str(config), "--out", str(reference)])
     return root, config, reference
@@ -178,7 +181,8 @@ def test_fedmkt_with_clients_of_other_vocabularies_on_flower_equals_inprocess(tm
     config = root / "fedmkt.toml"
     config.write_text(tiny_toml(
         data_dir, model={"llm": str(root / "llm"), "slm": str(a), "client_slms": [str(a), str(b), str(a)]},
-        fedmkt={"top_k": 4, "batch_size": 4, "llm_lr": 0.01, "slm_lr": 0.01}, run={"methods": ["fedmkt"]}))
+        fedmkt={"top_k": 4, "batch_size": 4, "llm_lr": 0.01, "slm_lr": 0.01}, run={"methods": ["fedmkt"]},
+        data=SERVER_DATA))
     reference, out = root / "inprocess", root / "flower-run"
     cli.dispatch(["run", "--config", str(config), "--out", str(reference)])
     with LoopbackFederation(root / "deploy", nodes=3, auth=False) as fed:
@@ -194,3 +198,88 @@ def test_fedmkt_with_clients_of_other_vocabularies_on_flower_equals_inprocess(tm
     assert metrics[1]["bytes_down"] > metrics[0]["bytes_down"]  # round 2's tasks carry the LLM's top-k
     assert json.loads((out / "results.json").read_text())["slm"] == json.loads(
         (reference / "results.json").read_text())["slm"]
+
+
+def test_the_server_and_each_client_hold_only_their_own_data(tiny_setup, tmp_path, data_dir):
+    """The server's data folder holds D^a's task and the eval split and no client training row; SuperNode k's
+    folder holds only its own ARC-Easy train rows (30, 40, 50 of them), named by its data-config; every party runs
+    with its own HOME and working directory. Against d614e59 such a ServerApp could not start (DataError on the
+    missing arc_easy/train.jsonl, see tests/test_server_data.py); now the run completes, and the clients' example
+    counts reach the server only in their setup replies."""
+    from pathlib import Path
+
+    from test_server_data import server_folder
+
+    root, _, _ = tiny_setup
+    rows = Path(data_dir, "arc_easy", "train.jsonl").read_text().splitlines(keepends=True)
+    own = {}
+    for k, (start, stop) in enumerate(((0, 30), (30, 70), (70, 120))):
+        folder = tmp_path / f"client{k}-data"
+        (folder / "arc_easy").mkdir(parents=True)
+        (folder / "arc_easy" / "train.jsonl").write_text("".join(rows[start:stop]))
+        (folder / "mine.toml").write_text(f'[data]\ndata_dir = "{folder}"\ntasks = ["arc_easy"]\n')
+        own[k] = f'data-config="{folder / "mine.toml"}"'
+    config = tmp_path / "server.toml"
+    config.write_text(tiny_toml(str(server_folder(tmp_path, data_dir)), data=SERVER_DATA,
+                                model={"llm": str(root / "llm"), "slm": str(root / "slm")}))
+    out = tmp_path / "run"
+    with LoopbackFederation(tmp_path / "deploy", nodes=3, auth=False, node_config=own, apart=True) as fed:
+        run_id = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 120.0,
+                             "set": "federation.rounds=1"})
+        status = fed.wait(run_id, timeout=600)
+        assert status == "finished:completed", fed.process_logs() + fed.logs(run_id)[-3000:]
+    assert [m["accepted"] for m in RunDir(out).read_metrics("fedcollm")] == [3]
+    setting = json.loads((out / "results.json").read_text())["setting"]
+    assert setting["client_examples"] == [30, 40, 50] and setting["aux_examples"] == 40
+
+
+def test_the_serverapp_log_maps_clients_to_supernodes_and_reports_a_dead_one_once_per_round(tiny_setup):
+    """The operator's view (`flwr log`) of a run in which client_2's machine dies after the setup: fedcollm's own
+    lines (clients and their SuperNodes, rounds) are there, and each round reports client_2 once, as a dropout,
+    with how it was noticed; the metrics count it as dropped, never as rejected. Against d614e59 (this test) the log
+    held no "clients:" line and no round line; round 1 said "client client_2 did not answer within 300 s" (the
+    timeout, though the SuperLink had reported the node gone) and "rejected update: client client_2: no reply",
+    round 2 those two and "client_2 no longer connected", and each round counted client_2 as rejected too."""
+    root, config, _ = tiny_setup
+    out = root / "dropout-log-run"
+    with LoopbackFederation(root / "deploy-dropout-log", nodes=3, auth=False) as fed:
+        run_id = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 300.0,
+                             "set": "federation.min_fit_clients=2"})
+        _wait_for(out / "config.json")
+        fed.kill("node2")
+        status = fed.wait(run_id, timeout=900)
+        logs = fed.logs(run_id)
+    assert status == "finished:completed", logs[-3000:]
+    assert "clients: client_0 (SuperNode " in logs and "fedcollm round 2/2 done" in logs
+    lines = [line for line in logs.splitlines() if "client_2" in line and "clients:" not in line]
+    assert len(lines) == 2 and all("client_2 (SuperNode " in line and "dropped out" in line for line in lines), lines
+    metrics = RunDir(out).read_metrics("fedcollm")
+    assert [(m["accepted"], m["rejected"], m["dropped"]) for m in metrics] == [(2, 0, ["client_2"])] * 2
+
+
+def test_secagg_with_distributed_dp_finishes_and_the_server_never_holds_the_noiseless_mean(tiny_setup):
+    """SecAgg+ with dp.mode = distributed over real processes: the clients noise their clipped changes before
+    masking, so the adapter the server releases (and saves) is off the noiseless clipped mean (an in-process run
+    with negligible noise, z = 1e-9) by noise of std z C / 3 per entry; nothing else of the clients' reaches the
+    run directory, and no client reports its clipped-entry count under DP."""
+    root, config, _ = tiny_setup
+    common = ["run.methods=['fedavg']", "federation.rounds=1", "dp.clip_norm=0.1"]
+    noiseless = root / "dp-noiseless"
+    cli.dispatch(["run", "--config", str(config), "--out", str(noiseless)]
+                 + [a for s in common + ["dp.noise_multiplier=1e-9"] for a in ("--set", s)])
+    out = root / "secagg-dp-run"
+    with LoopbackFederation(root / "deploy-secagg-dp", nodes=3, auth=False) as fed:
+        settings = common + ["secagg.enabled=true", "dp.noise_multiplier=0.5", "dp.mode=distributed"]
+        run_id = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 120.0, "set": ";".join(settings)})
+        status = fed.wait(run_id, timeout=900)
+        assert status == "finished:completed", fed.logs(run_id)[-3000:]
+    [metrics] = RunDir(out).read_metrics("fedavg")
+    assert metrics["secagg_results"] == 3 and metrics["secagg_clipped_entries"] is None
+    assert metrics["dp"]["noised_by"] == "clients"
+    refs = {"slm": None}
+    ours = RunDir(out).load_round("fedavg", 1, refs)["slm"]
+    clean = RunDir(noiseless).load_round("fedavg", 1, refs)["slm"]
+    residual = torch.cat([(ours[k].double() - clean[k].double()).flatten() for k in clean])
+    assert residual.std().item() == pytest.approx(0.5 * 0.1 / 3, rel=0.15)
+    saved = sorted(p.name for p in out.rglob("*.safetensors"))
+    assert saved == sorted(p.name for p in noiseless.rglob("*.safetensors"))  # the released adapters only

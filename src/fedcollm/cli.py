@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
+import traceback
 from importlib import resources
 from pathlib import Path
 
@@ -30,15 +32,17 @@ def load_config(path: str | None, overrides: list[str], limit: int | None = None
 def run_experiment(cfg: Config, connect=None) -> dict:
     """Start a new run in cfg.run.out_dir; nothing is written there until the data, models and clients are ready.
 
-    `connect(wb)` returns the transport to the clients (default: simulated clients in this process).
+    `connect(wb)` returns the transport to clients that hold their own data, which the workbench then does not
+    load (default: simulated clients in this process, on shards cut here).
     """
     from fedcollm.runs import RunDir
     from fedcollm.workbench import Workbench
 
+    _refuse_secagg_in_process(cfg, connect)
     run = RunDir(cfg.run.out_dir)
     run.check_fresh()
     _set_threads(cfg)
-    wb = Workbench.build(cfg)
+    wb = Workbench.build(cfg, clients=connect is None)
     transport = connect(wb) if connect else None
     run.check_fresh()  # still free after the (possibly long) model preparation
     run.write_config(cfg.to_json())
@@ -54,9 +58,17 @@ def resume_experiment(path: str | Path, connect=None) -> dict:
     cfg = run.load_config()
     if Path(cfg.run.out_dir).resolve() != run.path.resolve():  # the directory was moved or copied: follow it
         cfg = cfg.with_field("run.out_dir", str(run.path))
+    _refuse_secagg_in_process(cfg, connect)
     _set_threads(cfg)
-    wb = Workbench.build(cfg)
+    wb = Workbench.build(cfg, clients=connect is None)
     return _run_all(wb, run, connect(wb) if connect else None)
+
+
+def _refuse_secagg_in_process(cfg: Config, connect) -> None:
+    """The in-process engine has no SecAgg+: rather than run a secagg.enabled config without it, refuse."""
+    if cfg.secagg.enabled and connect is None:
+        raise ConfigError("secagg.enabled = true needs the Flower engine (flwr run, see README: Run across machines); "
+                          "the in-process engine of `fedcollm run` would run without SecAgg+: turn it off here")
 
 
 def _set_threads(cfg: Config) -> None:
@@ -105,13 +117,14 @@ def _run_all(wb, run, transport=None) -> dict:
                "local_epochs": cfg.federation.local_epochs, "distill_epochs": cfg.distill.epochs,
                "kd_weight": cfg.distill.kd_weight, "kl_direction": cfg.distill.kl_direction,
                "partition": cfg.data.partition, "train_per_task": cfg.data.train_per_task,
-               "client_examples": [len(c) for c in wb.split.clients], "aux_examples": len(wb.split.aux),
+               "client_examples": ([transport.examples[n] for n in transport.client_names] if transport  # as declared
+                                   else [len(c) for c in wb.split.clients]), "aux_examples": len(wb.split.aux),
                "batch_size": cfg.federation.batch_size, "dtype": str(next(wb.slm.parameters()).dtype),
                "llm_dtype": str(next(wb.llm.parameters()).dtype),
                "torch_threads": torch.get_num_threads(), "methods": cfg.run.methods,
                "sampling": {"fraction_fit": cfg.federation.fraction_fit, "min_fit_clients": cfg.federation.min_fit_clients}}
     if cfg.dp.noise_multiplier > 0:
-        spent = [r["dp_epsilon"] for m in cfg.run.methods for r in run.read_metrics(m) if "dp_epsilon" in r]
+        spent = [r["dp"]["epsilon"] for m in cfg.run.methods for r in run.read_metrics(m) if "dp" in r]
         setting["dp"] = {"noise_multiplier": cfg.dp.noise_multiplier, "clip_norm": cfg.dp.clip_norm,
                          "delta": cfg.dp.delta, "epsilon": max(spent, default=None)}
     results = build_results(run, setting, communication, extra_timing)
@@ -248,24 +261,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def dispatch(argv: list[str] | None = None) -> None:
-    """Parse and run one command; bad input raises a FedcollmError (main turns it into one line, exit 2)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.command:
-        args = parser.parse_args(["run"] + argv)
+    return parser.parse_args(["run"] + argv) if not args.command else args
+
+
+def dispatch(argv: list[str] | None = None) -> None:
+    """Parse and run one command; bad input raises a FedcollmError (main turns it into one line, exit 2)."""
+    args = parse_args(argv)
     args.func(args)
 
 
-def main(argv: list[str] | None = None) -> None:
+ERROR_LOG = "errors.log"
+
+
+def error_log(args: argparse.Namespace) -> Path:
+    """Where a failed command's traceback goes: RUN/errors.log when it worked on a started run (a directory that
+    holds config.json), else errors.log in the cache, so that a refused new run leaves its directory untouched."""
+    from fedcollm.models.loading import cache_dir
+
+    run = getattr(args, "resume", None) or getattr(args, "run_dir", None) or getattr(args, "out", None)
+    if run is None and args.command == "run":
+        try:
+            run = load_config(args.config, args.set, args.limit).run.out_dir
+        except FedcollmError:
+            pass
+    return Path(run) / ERROR_LOG if run and (Path(run) / "config.json").is_file() else cache_dir() / ERROR_LOG
+
+
+def _fail(argv: list[str], args: argparse.Namespace, err: Exception, kind: str, code: int) -> None:
+    """One line on stderr, never a traceback; the traceback is appended to `error_log` (named in the line)."""
+    line = f"fedcollm: {kind}: {str(err).replace(chr(10), ' ')}"
     try:
-        dispatch(argv)
+        path = error_log(args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} fedcollm {' '.join(argv)}\n"
+                    + "".join(traceback.format_exception(err)))
+        line += f" (traceback in {path})"
+    except Exception as log_err:  # noqa: BLE001 - an unwritable log must not hide the error itself
+        line += f" (no traceback log: {type(log_err).__name__}: {log_err})"
+    print(line, file=sys.stderr)
+    raise SystemExit(code) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `fedcollm` command: bad input exits 2, a bug 1, each with one line and its traceback in `error_log`."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        args.func(args)
     except FedcollmError as err:
-        print(f"fedcollm: error: {str(err).replace(chr(10), ' ')}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(argv, args, err, "error", 2)
+    except Exception as err:  # noqa: BLE001 - a bug, or bad input no check caught: still one line, not a traceback
+        _fail(argv, args, err, f"internal error ({type(err).__name__}; please report it)", 1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from safetensors.torch import load, save
 from fedcollm.errors import InvalidUpdate
 from fedcollm.models.lora import AdapterState
 
+MAX_COUNT_DIGITS = 18  # an int64 always holds it; int() refuses strings past 4,300 digits with a ValueError
+
 
 @dataclass
 class Payload:
@@ -44,8 +46,10 @@ def unpack(blob: bytes, sender: str = "peer") -> Payload:
         raise InvalidUpdate(f"client {sender}: payload is not a valid safetensors blob ({err})") from err
     metadata = header.get("__metadata__") or {} if isinstance(header, dict) else {}
     count = metadata.get("num_examples", "")
-    if not (isinstance(count, str) and count.isdigit()):
-        raise InvalidUpdate(f"client {sender}: payload metadata num_examples must be a decimal count, got {count!r}")
+    if not (isinstance(count, str) and count.isascii() and count.isdigit() and len(count) <= MAX_COUNT_DIGITS):
+        shown = count[:40] if isinstance(count, str) else count
+        raise InvalidUpdate(f"client {sender}: payload metadata num_examples must be a decimal count, got {shown!r} "
+                            f"(at most {MAX_COUNT_DIGITS} digits)")
     return Payload(tensors=tensors, num_examples=int(count))
 
 

@@ -196,7 +196,9 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     """Concentration of the Dirichlet task mix per client (smaller = more skewed)."""
     aux_fraction: float = 0.2
-    """Share of the train pool held by the server as auxiliary data D^a (0.2 = equal 5-way split with 4 clients)."""
+    """Share of the train pool held by the server as auxiliary data D^a (0.2 = equal 5-way split with 4 clients); unused when aux_tasks is set."""
+    aux_tasks: list[str] = field(default_factory=list)
+    """Tasks whose train splits (each cut to train_per_task) are D^a, apart from the clients' data, which is then the whole of the tasks' pools; empty = D^a is cut from that pool by aux_fraction. A Flower server needs it set: it then holds D^a without any client's rows."""
     eval_limit: int | None = None
     """Evaluate on the first N items of each task's eval split; None = all. Printed beside every figure."""
     scored: str = "eval"
@@ -206,6 +208,8 @@ class DataConfig:
         _check(len(self.tasks) > 0, "data.tasks", "must name at least one task")
         both = sorted(set(self.tasks) & set(self.eval_tasks))
         _check(not both, "data.eval_tasks", f"{', '.join(both)} already in data.tasks (which are evaluated too)")
+        both = sorted(set(self.tasks) & set(self.aux_tasks))
+        _check(not both, "data.aux_tasks", f"{', '.join(both)} also in data.tasks: D^a may not hold the clients' rows")
         _check(self.partition in ("iid", "dirichlet", "task"), "data.partition", "iid, dirichlet or task")
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
         _check(0.0 < self.aux_fraction < 1.0, "data.aux_fraction", "must be in (0, 1)")
@@ -263,6 +267,9 @@ class FederationConfig:
         _check(self.aggregator in AGGREGATORS, "federation.aggregator", " / ".join(AGGREGATORS))
         _check(0.0 <= self.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)")
         _check(self.byzantine >= 0, "federation.byzantine", "must be >= 0")
+        _check(self.aggregator != "krum" or self.clients > 2 * self.byzantine + 2, "federation.byzantine",
+               f"krum tolerates {self.byzantine} malicious clients only among more than 2 x {self.byzantine} + 2, "
+               f"but federation.clients = {self.clients}")
         _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
         _check(self.local_epochs >= 1, "federation.local_epochs", "must be >= 1")
         _check(self.client_lr > 0, "federation.client_lr", "must be > 0")
@@ -374,6 +381,9 @@ class DPConfig:
         _check(self.min_noising_clients >= 0, "dp.min_noising_clients", "must be >= 0 (0 = every client sampled)")
 
 
+SECAGG_MAX_MODULUS = 2**62  # Flower sends the modulus as a sint64 and draws masks as int64 below it
+
+
 @dataclass
 class SecAggConfig:
     enabled: bool = False
@@ -383,9 +393,13 @@ class SecAggConfig:
     reconstruction_threshold: int = 2
     """Shares needed to rebuild a dropped client's mask; < num_shares (more tolerates fewer dropouts, hides more)."""
     clipping_range: float = 0.5
-    """Each masked value (adapter entry x num_examples / max_weight) is clipped to +-this before quantization."""
+    """Each masked value (an entry of the client's change to the adapter x its weight, the round's largest weight
+    being 1; 1 for all under DP) is clipped to +-this before quantization; clipped entries are counted in the round's
+    metrics. Under dp.mode = distributed it must cover the change plus the client's noise: >= dp.clip_norm + 6 noise
+    stds."""
     quantization_range: int = 16777216
-    """Integer levels over the clipping range (2^24; the quantization error scales as clipping_range / this)."""
+    """Integer levels over twice the clipping range (2^24): each entry of the mean is within n x 2 x clipping_range /
+    this / (total weight) of the exact weighted mean, reported per round; the modulus is chosen above n x this."""
 
     def __post_init__(self) -> None:
         _check(self.num_shares > 2, "secagg.num_shares", "must be > 2")
@@ -476,10 +490,17 @@ class Config:
                    "task names may use letters, digits, _ . - only")
             task.validate(f"tasks.{name}")
         known = preset_tasks() | self.tasks
-        for listed in ("tasks", "eval_tasks"):
+        for listed in ("tasks", "eval_tasks", "aux_tasks"):
             for name in getattr(self.data, listed):
                 _check(name in known, f"data.{listed}", f"unknown task {name!r}: declare it in a [tasks.{name}] "
                        f"table or use a preset ({', '.join(preset_tasks())})")
+        robust = self.federation.aggregator != "fedavg"
+        _check(not (robust and self.secagg.enabled), "federation.aggregator",
+               f"{self.federation.aggregator} needs each client's update, but under SecAgg+ (secagg.enabled) the "
+               f"server sees only their sum: use fedavg or turn SecAgg+ off")
+        _check(not (robust and self.dp.noise_multiplier > 0), "federation.aggregator",
+               f"{self.federation.aggregator} would be ignored: under DP the server releases the noised mean of the "
+               f"clipped changes (what its noise is calibrated to): use fedavg or set dp.noise_multiplier to 0")
         if "fedmkt" in self.run.methods:  # both protect adapters; FedMKT's uploads are logits on D^a
             _check(not self.secagg.enabled, "secagg.enabled", "SecAgg+ sums adapters, but FedMKT uploads top-k "
                    "logits, which cannot be summed: drop fedmkt from run.methods or turn SecAgg+ off")
@@ -497,10 +518,54 @@ class Config:
                f"{', '.join(averaged)} average one SLM adapter, so every client must run model.slm = "
                f"{self.model.slm!r}, but it also names {', '.join(map(repr, others))}: leave model.client_slms empty "
                f"or drop those methods")
+        _check(self.dp.noise_multiplier == 0 or averaged, "dp.noise_multiplier",
+               f"noises the shared SLM adapter, but none of run.methods = {self.run.methods} shares one, so nothing "
+               f"would be noised: add fedavg or fedcollm, or set it to 0")
+        if self.dp.noise_multiplier > 0:
+            _check(self.dp.mode != "distributed" or self.secagg.enabled, "dp.mode", "distributed needs "
+                   "secagg.enabled: without SecAgg+ the server sees each client's update, so it adds the noise itself "
+                   "(dp.mode = central)")
+            _check(self.dp.sampling != "poisson" or self.federation.fraction_fit < 1, "dp.sampling",
+                   "poisson samples each client with probability federation.fraction_fit, which is 1 (every client, "
+                   "every round, no amplification): lower fraction_fit or use dp.sampling = fixed")
+            _check(self.federation.aggregator == "fedavg", "federation.aggregator",
+                   f"{self.federation.aggregator} under DP: the DP release is the clipped sum over a fixed "
+                   f"denominator, whose sensitivity the accountant prices; use fedavg or set dp.noise_multiplier = 0")
+        if self.secagg.enabled:
+            from fedcollm.privacy import (
+                expected_clients,  # imports torch: only for SecAgg+, which trains anyway
+            )
+
+            fed = self.federation
+            sampled = expected_clients(self.dp, fed.clients, fed.fraction_fit, fed.min_fit_clients)
+            _check(self.secagg.num_shares <= sampled, "secagg.num_shares",
+                   f"{self.secagg.num_shares} shares, but {sampled:g} client(s) are sampled a round (federation."
+                   f"clients = {fed.clients}, fraction_fit = {fed.fraction_fit}): each sampled client holds one share, "
+                   f"so at most {math.floor(sampled)} (SecAgg+ needs at least 3 clients a round)")
+            self._check_secagg_ranges(sampled)
+        for name in self.data.aux_tasks:
+            _check(known[name].train_split is not None, "data.aux_tasks", f"task {name!r} has no train split to be D^a")
         for name in self.data.tasks:
             _check(known[name].train_split is not None, "data.tasks",
                    f"task {name!r} has no train split (evaluation-only): set tasks.{name}.train_split or move it "
                    f"to data.eval_tasks")
+
+    def _check_secagg_ranges(self, sampled: float) -> None:
+        """No sum can wrap: the modulus must exceed clients x quantization_range (every client may contribute, and
+        each value and weight element is at most quantization_range); and under distributed DP the clipping range
+        must cover a client's change plus its noise, or clipping would bias the sum and undo the noise's shape."""
+        sec, fed, dp = self.secagg, self.federation, self.dp
+        _check(fed.clients * sec.quantization_range < SECAGG_MAX_MODULUS, "secagg.quantization_range",
+               f"{sec.quantization_range} levels x federation.clients = {fed.clients} could sum past SecAgg+'s largest "
+               f"modulus 2^62 and wrap: lower secagg.quantization_range or federation.clients")
+        if dp.noise_multiplier > 0 and dp.mode == "distributed":
+            from fedcollm.privacy import client_noise_std
+
+            need = dp.clip_norm + 6 * client_noise_std(dp, fed.clients, sampled)
+            _check(sec.clipping_range >= need, "secagg.clipping_range",
+                   f"{sec.clipping_range} would clip the noised changes (each entry up to dp.clip_norm = "
+                   f"{dp.clip_norm} plus noise of std {client_noise_std(dp, fed.clients, sampled):.4g}): set it to at "
+                   f"least {need:.4g} (dp.clip_norm + 6 noise stds)")
 
     def client_models(self) -> list[str]:
         """The SLM each client runs, by client index: model.client_slms, or model.slm for every client."""
@@ -524,17 +589,7 @@ class Config:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Config":
-        from fedcollm.fileio import read_bytes
-
-        path = Path(path)
-        raw = read_bytes(path, "config file", ConfigError)
-        try:
-            data = tomllib.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from err
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML: {err}") from err
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_toml(path), where=str(path))
 
     def override(self, assignments: list[str]) -> "Config":
         """Apply `section.key=value` strings (values parsed as TOML, bare words as strings, none = None)."""
@@ -571,6 +626,21 @@ def _assign(data: dict, key: str, value: Any) -> None:
     _check(not isinstance(node[parts[-1]], dict) or parts[:-1] == ["tasks"], key,
            "is a section: set one of its fields, e.g. section.key=value")
     node[parts[-1]] = value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The tables of a TOML file, unvalidated; unreadable or not TOML is a ConfigError naming the file."""
+    from fedcollm.fileio import read_bytes
+
+    raw = read_bytes(path, "config file", ConfigError)
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path}: arrays or tables nested too deeply to read") from err
 
 
 def _build(cls, data: Any, where: str):

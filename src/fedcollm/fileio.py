@@ -48,3 +48,5 @@ def read_json_file(path: str | Path, what: str, error: type[Exception] = RunDirE
         raise error(f"{path}: {what} is not UTF-8 text (damaged file?)") from err
     except json.JSONDecodeError as err:
         raise error(f"{path}: {what} is not valid JSON (line {err.lineno}: {err.msg}); the file is damaged") from err
+    except RecursionError as err:
+        raise error(f"{path}: {what} is JSON nested too deeply to read; the file is damaged") from err

@@ -1,15 +1,22 @@
-"""Client-level differential privacy on the shared adapter: each client's change is clipped to an L2 norm C, the
-server averages the clipped changes with equal weights and adds Gaussian noise of std z * C / m (m = clients
-sampled), and Flower's RDP accountant turns (z, m, K, rounds) into epsilon at a given delta.
+"""Client-level differential privacy on the shared adapter.
 
-This is central DP: the server sees the clipped updates before the noise (add SecAgg+ to hide them). The server's
-mutual distillation on D^a runs after the noise and touches no client data, so it is post-processing and keeps
-the guarantee.
+Each sampled client's change is clipped to L2 norm C and the server releases
+    sent + (sum of the accepted clipped changes + N(0, sum_noise_std^2)) / expected_clients:
+a fixed denominator, so a rejected or missing client is a zero change and never lowers the noise. Under DP the noise
+and the client sample are drawn from generators keyed by a secret only the server holds (`RunDir.server_secret`),
+never from the public run.seed, and dp-accounting's RDP accountant prices the sampled Gaussian mechanism at the
+sensitivity of the sum under the neighbouring relation its sampling scheme admits (`dp_event`).
+
+central: the server sees the clipped updates before its noise (SecAgg+ with dp.mode = distributed hides them). The
+server's mutual distillation on D^a runs after the noise and touches no client data: post-processing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
+import random
 
 import torch
 
@@ -33,6 +40,13 @@ def add_noise(state: AdapterState, std: float, seed: int) -> AdapterState:
             for k, v in state.items()}
 
 
+def round_seed(secret: bytes, purpose: str, round_idx: int) -> int:
+    """A 64-bit seed for one round's `purpose` ("sampling", "noise"): HMAC-SHA256 under the server's secret, so it
+    cannot be predicted without the secret, yet a resumed run derives the same one."""
+    digest = hmac.new(secret, f"{purpose}:{round_idx}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
 def expected_clients(dp: DPConfig, population: int, fraction: float, minimum: int) -> float:
     """The fixed denominator of the private mean: the number of clients sampled (fixed) or its expectation
     (poisson). Dividing by this, never by the number that answered, keeps the sensitivity what the accountant
@@ -45,8 +59,7 @@ def expected_clients(dp: DPConfig, population: int, fraction: float, minimum: in
 def sum_sensitivity(dp: DPConfig, population: int, sampled: float) -> float:
     """L2 sensitivity of the sum of clipped changes under the accounted neighbouring relation: replacing one
     client (fixed-size sampling of fewer than all) moves it by up to 2C; adding or removing one by C."""
-    replace_one = dp.sampling == "fixed" and sampled < population
-    return (2.0 if replace_one else 1.0) * dp.clip_norm
+    return (2.0 if _replace_one(dp, population, sampled) else 1.0) * dp.clip_norm
 
 
 def sum_noise_std(dp: DPConfig, population: int, sampled: float) -> float:
@@ -61,27 +74,79 @@ def client_noise_std(dp: DPConfig, population: int, sampled: float) -> float:
     return sum_noise_std(dp, population, sampled) / math.sqrt(honest)
 
 
-def epsilon(rounds: int, noise_multiplier: float, sampled: int, population: int, delta: float) -> float:
-    """Epsilon after `rounds` noisy averages, from Flower's RDP accountant (which wraps Google's dp-accounting).
+def _replace_one(dp: DPConfig, population: int, sampled: float) -> bool:
+    return dp.sampling == "fixed" and sampled < population
 
-    Sampling a fixed number of clients without replacement is accounted as such (replace-one neighbours); when
-    every client takes part, there is no amplification (add-or-remove-one neighbours).
-    """
+
+def private_sample(dp: DPConfig, names: list[str], fraction: float, minimum: int, secret: bytes,
+                   round_idx: int) -> list[str]:
+    """The clients of round `round_idx` under DP, drawn from the server's secret: fixed = expected_clients of them
+    without replacement, poisson = each independently with probability `fraction`. Kept secret, the sample is
+    what the accountant's amplification by sampling assumes."""
+    rng = random.Random(round_seed(secret, "sampling", round_idx))
+    if dp.sampling == "poisson":
+        return [n for n in names if rng.random() < fraction]
+    chosen = set(rng.sample(names, int(expected_clients(dp, len(names), fraction, minimum))))
+    return [n for n in names if n in chosen]
+
+
+def clipped_sum(sent: AdapterState, updates: list[AdapterState], clip_norm: float) -> AdapterState:
+    """The sum, in float64, of each update's change from `sent` clipped to L2 norm clip_norm (zero for none)."""
+    total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in sent.items()}
+    for update in updates:
+        clipped = clip_change(update, sent, clip_norm)
+        for k in total:
+            total[k] += clipped[k].double() - sent[k].double()
+    return total
+
+
+def private_release(sent: AdapterState, change_sum: AdapterState, denominator: float, noise_std: float,
+                    seed: int) -> AdapterState:
+    """sent + (change_sum + N(0, noise_std^2)) / denominator, in `sent`'s dtypes (noise_std 0: no noise, as when
+    the clients added it)."""
+    noisy = add_noise(change_sum, noise_std, seed) if noise_std > 0 else change_sum
+    return {k: (sent[k].double() + noisy[k].double() / denominator).to(sent[k].dtype) for k in sent}
+
+
+def dp_event(dp: DPConfig, population: int, sampled: float):
+    """One round as a dp-accounting event and the neighbouring relation it is accounted under: fixed m < K is a
+    sample without replacement (replace-one), fixed m = K a plain Gaussian (add-or-remove-one, no amplification),
+    poisson a Poisson-sampled Gaussian (add-or-remove-one). The noise multiplier is z because the noise is
+    z x the sum's sensitivity under that relation (`sum_noise_std`)."""
     try:
-        from flwr.serverapp import (
-            GaussianPrivacyEvent,
-            NeighboringRelation,
-            PrivacyConfig,
-            RdpAccountant,
-            SamplingMethod,
-        )
+        import dp_accounting
     except ImportError as err:
         raise ConfigError('dp.noise_multiplier > 0 needs the accountant: pip install -e ".[flower]"') from err
-    full = sampled >= population
-    accountant = RdpAccountant(PrivacyConfig(
-        target_delta=delta, population_size=population,
-        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE if full else NeighboringRelation.REPLACE_ONE,
-        sampling_method=SamplingMethod.NO_AMPLIFICATION if full else SamplingMethod.WITHOUT_REPLACEMENT))
-    accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=sampled,
-                                            population_size=population), count=rounds)
-    return float(accountant.get_privacy_spent().epsilon)
+    gaussian = dp_accounting.GaussianDpEvent(dp.noise_multiplier)
+    relation = dp_accounting.NeighboringRelation
+    if _replace_one(dp, population, sampled):
+        return (dp_accounting.SampledWithoutReplacementDpEvent(population, int(sampled), gaussian),
+                relation.REPLACE_ONE)
+    if dp.sampling == "poisson":
+        return dp_accounting.PoissonSampledDpEvent(sampled / population, gaussian), relation.ADD_OR_REMOVE_ONE
+    return gaussian, relation.ADD_OR_REMOVE_ONE
+
+
+def epsilon(dp: DPConfig, population: int, sampled: float, rounds: int) -> float:
+    """Epsilon at dp.delta after `rounds` rounds, from dp-accounting's RDP accountant."""
+    from dp_accounting import SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    event, relation = dp_event(dp, population, sampled)
+    return float(RdpAccountant(neighboring_relation=relation).compose(SelfComposedDpEvent(event, rounds))
+                 .get_epsilon(dp.delta))
+
+
+def dp_record(dp: DPConfig, population: int, sampled: float, round_idx: int) -> dict:
+    """A round's privacy, for its metrics: epsilon at delta after this round (cumulative) and for this round alone,
+    and the terms the accountant was given; noise_std_mean is the noise on each entry of the released adapter.
+    Names no client."""
+    return {"dp": {"epsilon": epsilon(dp, population, sampled, round_idx),
+                   "epsilon_round": epsilon(dp, population, sampled, 1), "delta": dp.delta, "sampling": dp.sampling,
+                   "neighbouring": "replace_one" if _replace_one(dp, population, sampled) else "add_or_remove_one",
+                   "sum_sensitivity": sum_sensitivity(dp, population, sampled),
+                   "sum_noise_std": sum_noise_std(dp, population, sampled),
+                   "noise_std_mean": sum_noise_std(dp, population, sampled) / sampled,
+                   "noise_multiplier": dp.noise_multiplier,
+                   "clip_norm": dp.clip_norm, "expected_clients": sampled, "population": population,
+                   "mode": dp.mode}}

@@ -45,7 +45,18 @@ def build_results(run: RunDir, setting: dict, communication: dict, extra_timing:
     results["budget"] = {m: training_budget(run, m) for m in finals}
     results["communication"] = communication
     results["timing"] = round_timing(run, "fedcollm" if "fedcollm" in finals else None) | (extra_timing or {})
+    spent = {m: dp_spent(run, m) for m in finals}
+    if any(spent.values()):
+        results["dp"] = {m: s for m, s in spent.items() if s}
     return results
+
+
+def dp_spent(run: RunDir, method: str) -> dict | None:
+    """The privacy a method's run spent: its last round's accounting (`privacy.dp_record`: epsilon at delta after
+    all its rounds and for one round, sampling, neighbouring relation, sensitivity and noise, expected clients,
+    mode); None without DP."""
+    records = [r for r in run.read_metrics(method) if "dp" in r]
+    return records[-1]["dp"] | {"rounds": records[-1]["round"]} if records else None
 
 
 def training_budget(run: RunDir, method: str) -> dict[str, int]:

@@ -6,6 +6,7 @@ RUN/<method>/round_NNN/         adapters of that round in peft format (slm/, llm
 RUN/<method>/metrics.jsonl      one line per completed round (rebuilt from the done.json files)
 RUN/<method>/final.json         final evaluation
 RUN/results.json, results.md, accuracy.png
+RUN/server-private/secret       the server's 256-bit secret (mode 0600): seeds DP noise and sampling; never sent
 ```
 A round counts as completed only once its `done.json` exists; resume restarts after the last such round.
 Every file is written atomically (temp file + rename). A new run refuses a directory that holds any file.
@@ -15,6 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -82,13 +86,39 @@ class RunDir:
             raise RunDirError(f"{self.path}: no config.json, so this is not a fedcollm run directory")
         return Config.from_dict(self.read_config(), where=str(self.path / "config.json"))
 
+    # ---- server-private state ---------------------------------------------------------------
+    def server_secret(self) -> bytes:
+        """The run's 256-bit secret from OS entropy, made on first use in server-private/secret (mode 0600). It keys
+        DP noise and sampling (`privacy.round_seed`): unlike run.seed it is in no config, metric, log or message,
+        so only the server can regenerate them, and a resumed run reads it back and repeats them exactly."""
+        path = self.path / "server-private" / "secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_name("secret.tmp")
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.rename(path)
+        secret = path.read_bytes()
+        if len(secret) != 32:
+            raise RunDirError(f"{path}: holds {len(secret)} bytes, not a 32-byte server secret; the run directory is "
+                              f"damaged (delete the file only if no round of a DP run has completed)")
+        return secret
+
     # ---- rounds ---------------------------------------------------------------------------
     def done_records(self, method: str) -> dict[int, dict]:
         """Round number -> its done.json record, for every completed round."""
         records = {}
         for path in sorted(self.method_dir(method).glob("round_*/done.json")):
+            number = re.fullmatch(r"round_(\d+)", path.parent.name)
+            if not number or path.parent != self.round_dir(method, int(number[1])):
+                raise RunDirError(f"{path.parent}: not a round folder (round_NNN, as this program names them); "
+                                  f"move it out of the run directory")
             record = read_json_file(path, "round record")
-            if not isinstance(record, dict) or record.get("round") != int(path.parent.name.split("_")[1]):
+            if not (isinstance(record, dict) and type(record.get("round")) is int and record["round"] == int(number[1])):
                 raise RunDirError(f"{path}: not the record of {path.parent.name}; the run directory is damaged")
             records[record["round"]] = record
         return records

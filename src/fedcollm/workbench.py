@@ -8,28 +8,60 @@ results table runs the same code on the same models and data.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from fedcollm.config import Config
 from fedcollm.data.batching import SFTData
-from fedcollm.data.partition import FederatedSplit, load_train_pool, partition
+from fedcollm.data.partition import (
+    FederatedSplit,
+    load_train_pool,
+    partition,
+    public_set,
+)
 from fedcollm.data.tasks import MCExample, load_scored_split
-from fedcollm.errors import ModelError
+from fedcollm.errors import ConfigError, ModelError
 from fedcollm.models.lora import AdapterState, adapter_state, add_lora
 
 log = logging.getLogger(__name__)
 
 
-def load_data(cfg: Config) -> tuple[FederatedSplit, dict[str, list[MCExample]]]:
-    """The federated split of the trained tasks and the evaluation items of every task, all validated."""
+def load_data(cfg: Config, clients: bool = True) -> tuple[FederatedSplit, dict[str, list[MCExample]]]:
+    """The federated split of the trained tasks and the evaluation items of every task, all validated.
+
+    Without `clients` (a Flower server, whose clients hold their own rows): D^a and the evaluation items only,
+    and no client task's train split is opened."""
     specs = cfg.task_specs()
     seed = cfg.run.seed
-    split = partition(load_train_pool(specs, cfg.data, seed), cfg.federation.clients, cfg.data, seed)
+    if clients:
+        split = partition(load_train_pool(specs, cfg.data, seed), cfg.federation.clients, cfg.data, seed)
+    else:
+        _check_server_only(cfg)
+        split = FederatedSplit(aux=[], clients=[])
+    if cfg.data.aux_tasks:
+        split = replace(split, aux=public_set(cfg.task_specs(cfg.data.aux_tasks), cfg.data, seed))
     log.info("%s", split.describe())
     eval_sets = {t: load_scored_split(t, spec, cfg.data) for t, spec in specs.items()}
     return split, eval_sets
+
+
+def _check_server_only(cfg: Config) -> None:
+    """Refuse what a server without the clients' rows cannot do, before any model loads."""
+    from fedcollm.methods import METHOD_CLASSES  # the methods import this module
+
+    if not cfg.data.aux_tasks:
+        raise ConfigError("data.aux_tasks: empty, so D^a would be cut from the train splits of data.tasks and the "
+                          "server would need every client's rows; name the task(s) whose train split is D^a")
+    pooled = [m for m in cfg.run.methods if METHOD_CLASSES[m].needs_client_data]
+    if pooled:
+        raise ConfigError(f"run.methods: {', '.join(pooled)} trains on every client's shard on the server, which "
+                          f"a Flower server does not hold; run it with the in-process engine")
+    if cfg.data.scored == "validation":
+        for name, spec in cfg.task_specs(cfg.data.tasks).items():
+            if not spec.validation_split:
+                raise ConfigError(f"data.scored: validation would read task {name!r}'s holdout from its train "
+                                  f"split, the clients' data; give tasks.{name} a validation_split on the server")
 
 
 @dataclass
@@ -49,7 +81,7 @@ class Workbench:
     tokenizer: object  # the LLM's
     llm: torch.nn.Module  # peft-wrapped f
     split: FederatedSplit
-    client_data: list[SFTData]  # each shard in its client's tokenizer
+    client_data: list[SFTData]  # each shard in its client's tokenizer; none on a Flower server
     aux_data: SFTData  # D^a in the LLM's tokenizer
     eval_sets: dict[str, list[MCExample]]
     llm_init: AdapterState
@@ -105,8 +137,9 @@ class Workbench:
                    llm_name=llm_name, slm_name=slm_name)
 
     @classmethod
-    def build(cls, cfg: Config) -> "Workbench":
-        """Load the configured real models (converting / deriving them on first use), each distinct one once."""
+    def build(cls, cfg: Config, clients: bool = True) -> "Workbench":
+        """Load the configured real models (converting / deriving them on first use), each distinct one once.
+        Without `clients`, the data of a server whose clients hold their own rows (see load_data)."""
         from fedcollm.models.derive import resolve_model_dir
         from fedcollm.models.loading import (
             load_model,
@@ -115,7 +148,7 @@ class Workbench:
             resolve_dtype,
         )
 
-        data = load_data(cfg)  # bad data fails here, before minutes of model conversion or derivation
+        data = load_data(cfg, clients)  # bad data fails here, before minutes of model conversion or derivation
         device = resolve_device(cfg.model.device)
         llm_dir = resolve_model_dir(cfg.model.llm, cfg.derive, cfg.data.data_dir)
         tokenizer = load_tokenizer(llm_dir)

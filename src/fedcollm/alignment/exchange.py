@@ -75,8 +75,10 @@ def from_tensors(d: dict[str, torch.Tensor], sender: str, vocab_size: int, k: in
 
     Checked: every field present with its dtype and rank; values and ids of one shape [N_tokens, k >= 1];
     offsets start at 0, never decrease and end at N_tokens; one CE and one example id per example; ids in
-    [0, vocab_size); values and CEs finite, CEs >= 0; example ids >= 0 and distinct; `aligned`, where present,
-    bool with one entry per token row.
+    [0, vocab_size) and, in a sender's own vocabulary (no `aligned`), distinct within a row (a repeated id would
+    stand for k tokens while naming fewer; realigning may map two ids to one, so there repeats are allowed);
+    values and CEs finite, CEs >= 0; example ids >= 0 and distinct; `aligned`, where present, bool with one entry
+    per token row.
     """
     def bad(field: str, why: str) -> InvalidUpdate:
         return InvalidUpdate(f"top-k from {sender}: field {PREFIX + field} {why}")
@@ -109,6 +111,13 @@ def from_tensors(d: dict[str, torch.Tensor], sender: str, vocab_size: int, k: in
             raise bad(name, f"has {getattr(top, name).shape[0]} entries for {n_ex} examples")
     if top.ids.numel() and (int(top.ids.min()) < 0 or int(top.ids.max()) >= vocab_size):
         raise bad("ids", f"has ids outside [0, {vocab_size}) (min {int(top.ids.min())}, max {int(top.ids.max())})")
+    if aligned is None and got_k > 1:
+        ordered = top.ids.sort(dim=1).values
+        repeats = ordered[:, 1:] == ordered[:, :-1]
+        if repeats.any():
+            row = int(repeats.any(1).nonzero()[0])
+            raise bad("ids", f"repeats id {int(ordered[row, 1:][repeats[row]][0])} within row {row}; a top-k names "
+                      f"k distinct tokens")
     if not torch.isfinite(top.values).all():
         raise bad("values", "has non-finite logits")
     if not (torch.isfinite(top.ce) & (top.ce >= 0)).all():

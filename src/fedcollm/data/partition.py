@@ -1,4 +1,5 @@
-"""Cut the tasks' train splits into the server's auxiliary set D^a and K client shards (seeded)."""
+"""Cut the tasks' train splits into the server's auxiliary set D^a and K client shards (seeded), or, with
+data.aux_tasks, take D^a from tasks of its own and share every trained task's pool out to the clients."""
 
 from __future__ import annotations
 
@@ -18,19 +19,32 @@ class FederatedSplit:
     clients: list[list[MCExample]]
 
     def describe(self) -> str:
+        if not self.clients:
+            return f"D^a: {len(self.aux)} examples; client shards: on the clients"
         sizes = ", ".join(str(len(c)) for c in self.clients)
         return f"D^a: {len(self.aux)} examples; client shards: [{sizes}]"
 
 
-def load_train_pool(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int) -> dict[str, list[MCExample]]:
-    """Each trained task's train split, shuffled (seeded) and cut to data.train_per_task."""
+def load_train_pool(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int,
+                    tasks: list[str] | None = None) -> dict[str, list[MCExample]]:
+    """Each named task's (default: data.tasks) train split, shuffled (seeded) and cut to data.train_per_task."""
     rng = random.Random(seed)
     pool = {}
-    for task in cfg.tasks:
+    for task in cfg.tasks if tasks is None else tasks:
         examples = load_train_split(task, specs[task], cfg.data_dir)
         rng.shuffle(examples)
         pool[task] = examples[:cfg.train_per_task] if cfg.train_per_task else examples
     return pool
+
+
+def public_set(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int) -> list[MCExample]:
+    """D^a declared apart (data.aux_tasks): those tasks' train rows, shuffled with a generator of its own, so
+    that the clients' shards do not depend on it and a server builds it without opening a client task's file."""
+    aux = [ex for examples in load_train_pool(specs, cfg, seed, cfg.aux_tasks).values() for ex in examples]
+    if not aux:
+        raise ConfigError(f"data.aux_tasks: {', '.join(cfg.aux_tasks)} hold no train rows, so D^a would be empty")
+    random.Random(seed + 3).shuffle(aux)
+    return aux
 
 
 def _even_chunks(items: list, n: int) -> list[list]:
@@ -38,10 +52,12 @@ def _even_chunks(items: list, n: int) -> list[list]:
 
 
 def partition(pool: dict[str, list[MCExample]], n_clients: int, cfg: DataConfig, seed: int) -> FederatedSplit:
+    """D^a cut from `pool` by data.aux_fraction and the client shards of the rest; with data.aux_tasks the
+    shards share out all of `pool` and D^a is left empty here (see public_set)."""
     rng = random.Random(seed + 1)
     aux, rest = [], {}
     for task, examples in pool.items():  # every task contributes aux_fraction of its examples to D^a
-        n_aux = round(len(examples) * cfg.aux_fraction)
+        n_aux = 0 if cfg.aux_tasks else round(len(examples) * cfg.aux_fraction)
         aux += examples[:n_aux]
         rest[task] = examples[n_aux:]
     rng.shuffle(aux)
@@ -69,7 +85,7 @@ def partition(pool: dict[str, list[MCExample]], n_clients: int, cfg: DataConfig,
     if empty:
         raise ConfigError(f"data.partition: {cfg.partition!r} left client(s) {empty} without examples; "
                           f"use more data, fewer clients or a larger data.dirichlet_alpha")
-    if not aux:
+    if not aux and not cfg.aux_tasks:
         raise ConfigError(f"data.aux_fraction: {cfg.aux_fraction} of {sum(map(len, pool.values()))} train examples "
                           f"leaves the server's D^a empty; use more data or a larger aux_fraction")
     return FederatedSplit(aux=aux, clients=clients)

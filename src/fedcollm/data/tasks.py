@@ -5,7 +5,9 @@ JSONL files are read here rather than through `datasets`' JSON loader: that load
 reports neither line numbers nor duplicate keys, and this reader must name the file, line and field of every
 bad row. Sources given as `hf:ID` do go through `datasets` (a hub id where a hub is reachable, or a folder
 written by `save_to_disk`), and their rows pass the same checks.
-Accepted on purpose: a UTF-8 byte-order mark, CRLF line ends, blank lines, any length of text.
+Accepted on purpose: a UTF-8 byte-order mark, CRLF or CR-only line ends, blank lines, any length of text.
+Refused: text that is not text (a NUL character, a lone UTF-16 surrogate from a bad \\u escape), which tokenizers
+would reject or mangle after the models have loaded, and JSON nested deeper than Python's recursion limit.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
     """(location, object) for every non-blank line; any undecodable line is a DataError naming file and line."""
     raw = read_bytes(path, "JSONL file", DataError)
     rows = []
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
+    for lineno, line in enumerate(raw.splitlines(), 1):  # \n, \r\n or \r; none can occur inside a UTF-8 character
         where = f"{path}, line {lineno}"
         try:
             text = line.decode("utf-8")
@@ -89,6 +91,8 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
             row = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
+        except RecursionError as err:
+            raise DataError(f"{where}: JSON nested too deeply to read (arrays or objects within each other)") from err
         except ValueError as err:
             raise DataError(f"{where}: {err}") from err
         if not isinstance(row, dict):
@@ -106,10 +110,22 @@ def _field(row: dict, dotted: str, where: str) -> Any:
     return node
 
 
-def _text(value: Any, name: str, where: str) -> str:
+def _string(value: Any, name: str, where: str) -> str:
+    """`value` if it is a string a tokenizer can take: no NUL character, no lone surrogate."""
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-    if not value.strip():
+    if "\0" in value:
+        raise DataError(f"{where}: field '{name}' holds a NUL character (at character {value.index(chr(0)) + 1})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where}: field '{name}' holds a lone surrogate {value[err.start]!r} (at character "
+                        f"{err.start + 1}), which is not text: fix its \\u escape") from err
+    return value
+
+
+def _text(value: Any, name: str, where: str) -> str:
+    if not _string(value, name, where).strip():
         raise DataError(f"{where}: field '{name}' is empty")
     return value
 
@@ -246,8 +262,7 @@ def load_alpaca_texts(data_dir: str | None) -> list[str]:
     texts = []
     for where, row in read_jsonl(path):
         for key in ("instruction", "input", "output"):
-            if not isinstance(row.get(key), str):
-                raise DataError(f"{where}: field '{key}' must be a string")
+            _string(_field(row, key, where), key, where)
         prompt = row["instruction"] + (f"\n{row['input']}" if row["input"] else "")
         texts.append(f"Question: {prompt}\nAnswer: {row['output']}")
     return texts

@@ -19,7 +19,15 @@ from fedcollm.comm import Payload, pack, unpack
 from fedcollm.errors import FederationError, InvalidUpdate
 from fedcollm.methods import METHOD_CLASSES, Method
 from fedcollm.methods.base import Budget, ClientResources, States, curve_items
-from fedcollm.privacy import add_noise, clip_change, epsilon
+from fedcollm.privacy import (
+    clipped_sum,
+    dp_record,
+    expected_clients,
+    private_release,
+    private_sample,
+    round_seed,
+    sum_noise_std,
+)
 from fedcollm.runs import RunDir
 from fedcollm.workbench import Workbench
 
@@ -28,6 +36,7 @@ log = logging.getLogger(__name__)
 
 class Client(Protocol):
     name: str
+    examples: int  # the example count it declares before training (its shard's size)
 
     def fit(self, blob: bytes, round_idx: int, method: str) -> bytes: ...
 
@@ -41,6 +50,7 @@ class Transport(Protocol):
     """
 
     client_names: list[str]
+    examples: dict[str, int]  # each client's example count, declared before training: no reply may claim more
 
     def fit(self, tasks: dict[str, Payload], round_idx: int,
             method: str) -> tuple[dict[str, Payload | InvalidUpdate], int, int]: ...
@@ -54,6 +64,7 @@ class SimulatedClient:
         self.wb, self.k, self.name = wb, k, f"client_{k}"
         held = wb.held(self.name)
         self.resources = ClientResources(wb.cfg, k, held.model, held.tokenizer, wb.client_data[k], held.public)
+        self.examples = len(wb.client_data[k])
 
     def fit(self, blob: bytes, round_idx: int, method: str) -> bytes:
         return pack(METHOD_CLASSES[method].client_fit(self.resources, unpack(blob, "server"), round_idx))
@@ -65,6 +76,7 @@ class InProcessTransport:
     def __init__(self, clients: list[Client]):
         self.clients = {c.name: c for c in clients}
         self.client_names = list(self.clients)
+        self.examples = {c.name: c.examples for c in clients}
 
     def fit(self, tasks: dict[str, Payload], round_idx: int,
             method: str) -> tuple[dict[str, Payload | InvalidUpdate], int, int]:
@@ -72,17 +84,21 @@ class InProcessTransport:
         down = up = 0
         for name, task in tasks.items():
             blob = pack(task)
-            reply = self.clients[name].fit(blob, round_idx, method)
-            down, up = down + len(blob), up + len(reply)
+            down += len(blob)
             try:
+                reply = self.clients[name].fit(blob, round_idx, method)
+                up += len(reply)
                 replies[name] = unpack(reply, name)
             except InvalidUpdate as err:
                 replies[name] = err
+            except ValueError as err:  # the client's own computation failed (e.g. logits past fp16): as on Flower
+                replies[name] = InvalidUpdate(f"client {name}: failed this round ({err})")
         return replies, down, up
 
 
 def sample_clients(names: list[str], fraction: float, minimum: int, seed: int, round_idx: int) -> list[str]:
-    """The clients asked to train in a round: max(minimum, ceil(fraction * K)) of them, seeded by (seed, round)."""
+    """The clients asked to train in a round without DP: max(minimum, ceil(fraction * K)) of them, seeded by the
+    public (seed, round), so every engine and method sample alike. Under DP `privacy.private_sample` draws them."""
     k = min(len(names), max(minimum, math.ceil(fraction * len(names) - 1e-9)))
     if k == len(names):
         return list(names)
@@ -108,6 +124,7 @@ def run_method(wb: Workbench, name: str, run: RunDir, transport: Transport | Non
         return final
 
     transport = transport or InProcessTransport([SimulatedClient(wb, k) for k in range(cfg.federation.clients)])
+    secret = run.server_secret() if cfg.dp.noise_multiplier > 0 and method.shared is not None else None
     states = method.initial_states(transport.client_names)
     start = run.last_completed_round(name, cfg.federation.rounds)
     if start:
@@ -120,7 +137,7 @@ def run_method(wb: Workbench, name: str, run: RunDir, transport: Transport | Non
         t_round = time.perf_counter()
         timing: dict[str, float] = {}
         record: dict = {"round": r, "method": name}
-        states = _client_phase(method, transport, states, r, timing, record)
+        states = _client_phase(method, transport, states, r, timing, record, secret)
         states, info, server_timing = method.server_update(states, r)
         record["budget"] = asdict(record.pop("budget", Budget()) + info.pop("budget", Budget()))
         record.update(info)
@@ -144,59 +161,75 @@ def run_method(wb: Workbench, name: str, run: RunDir, transport: Transport | Non
     return last_eval
 
 
-def _client_phase(method: Method, transport: Transport, states: States, r: int, timing: dict,
-                  record: dict) -> States:
-    """Send each sampled client its task, check every reply on its own, let the method combine the accepted ones."""
-    fed, seed = method.wb.cfg.federation, method.wb.cfg.run.seed
-    sampled = sample_clients(transport.client_names, fed.fraction_fit, fed.min_fit_clients, seed, r)
+def _client_phase(method: Method, transport: Transport, states: States, r: int, timing: dict, record: dict,
+                  secret: bytes | None) -> States:
+    """Send each sampled client its task, check every reply on its own, let the method combine the accepted ones.
+
+    Under DP (`secret`, the server's, given) the clients are sampled from the secret, every round is accounted, and
+    the shared adapter becomes the Gaussian mechanism's release over the accepted clipped changes (`_release`),
+    whatever number was accepted: keeping the adapter instead would publish a choice that depends on client data.
+    """
+    cfg = method.wb.cfg
+    fed, dp, names = cfg.federation, cfg.dp, transport.client_names
+    if secret is None:
+        sampled = sample_clients(names, fed.fraction_fit, fed.min_fit_clients, cfg.run.seed, r)
+    else:
+        sampled = private_sample(dp, names, fed.fraction_fit, fed.min_fit_clients, secret, r)
+        record.update(dp_record(dp, len(names), expected_clients(dp, len(names), fed.fraction_fit,
+                                                                 fed.min_fit_clients), r))
     tasks = {name: method.client_task(states, name) for name in sampled}
     tasks = {name: Payload(task) for name, task in tasks.items() if task is not None}
-    if not tasks:
+    if not tasks and secret is None:
         return states
-    if getattr(transport, "secure", False):
-        return _secure_client_phase(method, transport, states, tasks, r, timing, record)
+    if getattr(transport, "secure", False) and tasks:
+        return _secure_client_phase(method, transport, states, tasks, r, timing, record, secret)
     t0 = time.perf_counter()
-    replies, bytes_down, bytes_up = transport.fit(tasks, r, method.name)
+    replies, bytes_down, bytes_up = transport.fit(tasks, r, method.name) if tasks else ({}, 0, 0)
     timing["client_train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     accepted = {}
     for name in tasks:  # one bad client is one rejected update, never a lost round
         reply = replies.get(name)
+        if reply is None:  # a dropout, which the transport has reported
+            continue
         try:
-            if reply is None:
-                raise InvalidUpdate(f"client {name}: no reply (dropped out or timed out)")
             if isinstance(reply, InvalidUpdate):
                 raise reply
-            accepted[name] = method.check_reply(tasks[name], reply, name)
+            accepted[name] = method.check_reply(tasks[name], reply, name, transport.examples[name])
         except InvalidUpdate as err:
             log.warning("round %d: rejected update: %s", r, err)
     record["budget"] = sum((method.client_budget(tasks[name], n) for name, (_, n) in accepted.items()), Budget())
-    dp = method.wb.cfg.dp
-    private = dp.noise_multiplier > 0 and method.shared is not None
-    if private:  # clipped changes, equal weights: what the Gaussian mechanism's sensitivity assumes
-        accepted = {name: (clip_change(theta, tasks[name].tensors, dp.clip_norm), 1)
-                    for name, (theta, _) in accepted.items()}
-    if len(accepted) < fed.min_fit_clients:
+    if secret is not None:  # a rejected or missing client is a zero change; the noise is the server's
+        sent = states[method.shared]
+        states = _release(method, states, clipped_sum(sent, [theta for theta, _ in accepted.values()], dp.clip_norm),
+                          len(names), r, secret, record, server_noise=True)
+    elif len(accepted) < fed.min_fit_clients:
         log.warning("round %d: %d accepted update(s), fewer than federation.min_fit_clients = %d; the adapters "
                     "are kept", r, len(accepted), fed.min_fit_clients)
     else:
         states = method.aggregate(states, accepted, r)
-        if private:
-            states = _add_dp_noise(method, states, len(sampled), r)
-    if private:
-        record["dp_epsilon"] = epsilon(r, dp.noise_multiplier, len(sampled), len(transport.client_names), dp.delta)
     timing["aggregate_s"] = time.perf_counter() - t0
-    record.update({"sampled": sampled, "dropped": sorted(set(tasks) - set(replies)),
-                   "accepted": len(accepted), "rejected": len(tasks) - len(accepted),
+    record.update(_participation(sampled, set(tasks) - set(replies), secret) |
+                  {"accepted": len(accepted), "rejected": len(set(tasks) & set(replies)) - len(accepted),
                    "bytes_down": bytes_down, "bytes_up": bytes_up})
     return states
 
 
+def _participation(sampled: list[str], dropped: set[str], secret: bytes | None) -> dict:
+    """Who was asked and who did not answer: names without DP, only counts under DP, where the sample's secrecy is
+    what the accountant's amplification by sampling assumes."""
+    if secret is None:
+        return {"sampled": sampled, "dropped": sorted(dropped, key=sampled.index)}
+    return {"sampled": len(sampled), "dropped": len(dropped)}
+
+
 def _secure_client_phase(method: Method, transport: Transport, states: States, tasks: dict[str, Payload], r: int,
-                         timing: dict, record: dict) -> States:
+                         timing: dict, record: dict, secret: bytes | None) -> States:
     """Under SecAgg+ the server only ever holds the average of the sampled clients' adapters: it checks that
-    aggregate (shape, finite values) and treats it as the one update; per-client checks ran on the clients."""
+    aggregate (shape, finite values) and treats it as the one update; per-client checks ran on the clients. Under
+    DP the equal-weight average gives the clipped sum, (average - sent) x contributors, for `_release`; with
+    dp.mode = distributed the clients already noised it and the server adds nothing."""
     first = next(iter(tasks.values()))
     if any(task.tensors is not first.tensors for task in tasks.values()):
         raise FederationError(f"method {method.name} sends each client its own adapter, which SecAgg+ cannot sum; "
@@ -205,8 +238,9 @@ def _secure_client_phase(method: Method, transport: Transport, states: States, t
     t0 = time.perf_counter()
     average, contributors, seen = transport.fit_secure(first, list(tasks), r)
     timing["client_train_s"] = time.perf_counter() - t0
-    record.update(seen | {"sampled": list(tasks), "contributors": contributors,
-                          "dropped": sorted(set(tasks) - set(contributors))})
+    record.update(seen | _participation(list(tasks), set(tasks) - set(contributors), secret))
+    if secret is None:
+        record["contributors"] = contributors
     t0 = time.perf_counter()
     try:
         if average is None:
@@ -215,22 +249,30 @@ def _secure_client_phase(method: Method, transport: Transport, states: States, t
     except InvalidUpdate as err:
         log.warning("round %d: %s; the adapters are kept", r, err)
         return states
-    if len(contributors) < fed.min_fit_clients:
+    if secret is not None:
+        change = {k: (average.tensors[k].double() - first.tensors[k].double()) * len(contributors)
+                  for k in first.tensors}
+        states = _release(method, states, change, len(transport.client_names), r, secret, record,
+                          server_noise=dp.mode == "central")
+    elif len(contributors) < fed.min_fit_clients:
         log.warning("round %d: %d client(s) in the secure aggregate, fewer than federation.min_fit_clients = %d; "
                     "the adapters are kept", r, len(contributors), fed.min_fit_clients)
         return states
-    states = method.aggregate(states, {"secure aggregate": (average.tensors, average.num_examples)}, r)
+    else:
+        states = method.aggregate(states, {"secure aggregate": (average.tensors, average.num_examples)}, r)
     record["budget"] = method.client_budget(first, average.num_examples)  # from the summed count: approximate
-    if dp.noise_multiplier > 0 and method.shared is not None:
-        states = _add_dp_noise(method, states, len(tasks), r)
-        record["dp_epsilon"] = epsilon(r, dp.noise_multiplier, len(tasks), len(transport.client_names), dp.delta)
     timing["aggregate_s"] = time.perf_counter() - t0
     record["accepted"] = len(contributors)
     return states
 
 
-def _add_dp_noise(method: Method, states: States, sampled: int, r: int) -> States:
-    """The Gaussian mechanism on the shared adapter: std z * C / (clients sampled), seeded by (seed, round)."""
-    dp = method.wb.cfg.dp
-    std = dp.noise_multiplier * dp.clip_norm / sampled
-    return states | {method.shared: add_noise(states[method.shared], std, unit_seed(method.wb.cfg.run.seed, r, -3))}
+def _release(method: Method, states: States, change_sum: dict, population: int, r: int, secret: bytes,
+             record: dict, server_noise: bool) -> States:
+    """The Gaussian mechanism on the shared adapter: sent + (clipped sum + noise) / expected clients, the noise
+    (when the server adds it) keyed by the server's secret and round."""
+    cfg = method.wb.cfg
+    m = expected_clients(cfg.dp, population, cfg.federation.fraction_fit, cfg.federation.min_fit_clients)
+    std = sum_noise_std(cfg.dp, population, m) if server_noise else 0.0
+    record["dp"]["noised_by"] = "server" if server_noise else "clients"
+    released = private_release(states[method.shared], change_sum, m, std, round_seed(secret, "noise", r))
+    return states | {method.shared: released}

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from fedcollm.aggregate import bound_update, validate_update
+from fedcollm.aggregate import bound_changes, combine, validate_update
 from fedcollm.algorithms.training import client_update, unit_seed
 from fedcollm.comm import Payload
 from fedcollm.config import Config
@@ -94,6 +94,7 @@ class Method:
     scores: ClassVar[tuple[str, ...]] = ("llm", "slm")  # which models its table rows report
     shared: ClassVar[str | None] = None  # the state every client trains and the server averages (DP noise goes here)
     needs_public: ClassVar[bool] = False  # True: clients must also hold the public set D^a (ClientResources.public)
+    needs_client_data: ClassVar[bool] = False  # True: the server trains on the clients' shards (so not on Flower)
 
     def __init__(self, wb: Workbench):
         self.wb = wb
@@ -115,13 +116,16 @@ class Method:
         log.debug("%s round %d: loss %.4f", res.name, round_idx, step_log.mean_loss)
         return Payload(theta, n)
 
-    def check_reply(self, task: Payload, reply: Payload, client: str) -> tuple[AdapterState, int]:
-        """One client's decoded reply, checked on its own (InvalidUpdate naming `client` when it is refused) and
-        bounded by the robustness policy. Default: an adapter shaped like the one sent, with an example count."""
+    def check_reply(self, task: Payload, reply: Payload, client: str, declared: int) -> tuple[AdapterState, int]:
+        """One client's decoded reply, checked on its own (InvalidUpdate naming `client` when it is refused): an
+        adapter shaped like the one sent, with an example count no larger than the `declared` one (what the client
+        said it holds before training), counted at most federation.max_examples."""
         fed = self.wb.cfg.federation
-        validate_update(reply.tensors, task.tensors, reply.num_examples, client)
-        return bound_update(reply.tensors, task.tensors, reply.num_examples, client, fed.max_examples,
-                            fed.max_update_ratio, fed.norm_action)
+        validate_update(reply.tensors, task.tensors, reply.num_examples, client, declared)
+        if reply.num_examples > fed.max_examples:
+            log.warning("client %s: claimed %d examples, counted as federation.max_examples = %d", client,
+                        reply.num_examples, fed.max_examples)
+        return reply.tensors, min(reply.num_examples, fed.max_examples)
 
     def client_budget(self, task: Payload, num_examples: int) -> Budget:
         """The optimizer steps and examples of one client's training on `task`, counted by the server from the
@@ -132,6 +136,18 @@ class Method:
     def aggregate(self, states: States, updates: Updates, r: int) -> States:
         """Combine the accepted uploads of round `r` (already decoded and validated one by one)."""
         return states
+
+    def average(self, sent: AdapterState, updates: Updates, r: int) -> AdapterState:
+        """The shared adapter after round `r`: every change from `sent` held to the round's norm bound (see
+        `bound_changes`), then combined by federation.aggregator; `sent` itself where no update is left. (Under
+        DP the engine releases the noised mean of the clipped changes instead.)"""
+        fed = self.wb.cfg.federation
+        states = bound_changes({c: theta for c, (theta, _) in updates.items()}, sent, fed.max_update_norm,
+                               fed.max_update_ratio, fed.norm_action)
+        if not states:
+            log.warning("round %d: every update was over the norm bound; the global adapter is kept", r)
+            return sent
+        return combine([(theta, updates[c][1]) for c, theta in states.items()], fed)
 
     def server_update(self, states: States, r: int) -> tuple[States, dict, dict]:
         """What the server computes after aggregation: (new states, record fields, timing in seconds). The record

@@ -16,6 +16,7 @@ class Centralized(Method):
     name = "centralized"
     trains = True
     scores = ("llm",)
+    needs_client_data = True
 
     @cached_property
     def union(self) -> SFTData:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from fedcollm.aggregate import fedavg
 from fedcollm.algorithms.training import (
     distill_steps,
     mutual_distill,
@@ -57,7 +56,8 @@ def evaluate_clients(wb: Workbench, states: States, limit: int | None, r: int, m
 
 
 class FedAvg(Method):
-    """Clients fine-tune the broadcast SLM adapter; the server takes their sample-weighted mean."""
+    """Clients fine-tune the broadcast SLM adapter; the server combines them (`Method.average`: the sample-weighted
+    mean by default)."""
 
     name = "fedavg"
     trains = True
@@ -71,7 +71,7 @@ class FedAvg(Method):
         if not updates:
             log.warning("round %d: every client update was rejected; the global adapter is kept", r)
             return states
-        return states | {"slm": fedavg(list(updates.values()))}
+        return states | {"slm": self.average(states["slm"], updates, r)}
 
 
 class FedCoLLM(FedAvg):

@@ -8,8 +8,9 @@ A round. Each client (`client_fit`, from its own adapter): (a) from the second r
 towards the LLM's top-k of the previous round, which the server has already moved onto the client's answer rows
 and into its vocabulary (`realign`), selected per example; (b) fine-tunes on its private shard; (c) uploads its
 top-k logits and per-example CE on D^a. The server aligns each client's top-k into the LLM's vocabulary, selects
-per example (the LLM's own start-of-round distribution is a candidate), distils the LLM, and computes the LLM's
-top-k that the next round's tasks carry. The SLMs are scored after (b) of the last round, each with its own
+per example by CE (the LLM's own start-of-round distribution is a candidate; every candidate's CE is the server's
+`topk_ce` of its logits, the CE a client reports is never trusted), distils the LLM, and computes the LLM's top-k
+that the next round's tasks carry. The SLMs are scored after (b) of the last round, each with its own
 tokenizer: the LLM's last top-k is never sent.
 
 What crosses the network, all of it in the byte figures: down, the client's SLM adapter and (after round 1) the
@@ -24,10 +25,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
-from fedcollm.aggregate import fedavg
 from fedcollm.algorithms.training import (
     StepLog,
     client_update,
@@ -66,6 +67,22 @@ def covering(top: TopK, data: SFTData, sender: str) -> TopK:
         raise InvalidUpdate(f"top-k from {sender}: does not cover the {len(lengths)} public examples' answer tokens "
                             f"in order ({top.example_ids.numel()} examples, {top.values.shape[0]} rows)")
     return top
+
+
+def topk_ce(top: TopK, data: SFTData) -> torch.Tensor:
+    """Each example's mean CE on its gold answer tokens as the server scores it from a top-k alone (`top` covers
+    `data`, whose encoding holds the gold ids): where the gold id is among the k, -log of its softmax over the k;
+    where it is not, that of the smallest kept logit, since the sender gave the gold token at most that. Both are
+    lower bounds on the sender's full-vocabulary CE (the k logits hold only part of the mass), so a sender cannot
+    score better than its own logits show, whatever CE it reports."""
+    gold = torch.cat([torch.tensor(ids[len(ids) - n:], dtype=torch.long) for ids, n in data.encoded])
+    values, hit = top.values.float(), top.ids.long() == gold[:, None]
+    picked = torch.where(hit.any(1), values.masked_fill(~hit, -torch.inf).amax(1), values.amin(1))
+    token_ce = (torch.logsumexp(values, 1) - picked).double()
+    lengths = top.offsets.diff()
+    example = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    total = torch.zeros(len(lengths), dtype=torch.float64).index_add_(0, example, token_ce)
+    return (total / lengths.clamp(min=1)).float()
 
 
 def transfer_targets(sender: Sender, dst: SFTData, dst_tokenizer, temperature: float) -> list[SparseTargets]:
@@ -158,20 +175,21 @@ class FedMKT(Method):
             budget += Budget.slm_epochs(self.mkt.slm_epochs, public, self.mkt.batch_size)
         return budget
 
-    def check_reply(self, task: Payload, reply: Payload, client: str) -> tuple[AdapterState, int]:
-        """The adapter as any adapter upload (shape, finite, robustness policy), plus a top-k that covers D^a
-        with ids in the client's vocabulary."""
+    def check_reply(self, task: Payload, reply: Payload, client: str, declared: int) -> tuple[AdapterState, int]:
+        """The adapter as any adapter upload, plus a top-k that covers D^a with ids in the client's vocabulary; the
+        CE it reports is replaced by the server's `topk_ce` of its logits (a client reporting 0 would otherwise
+        win every example's selection)."""
         held = self.wb.held(client)
         top = covering(from_tensors(reply.tensors, client, len(held.tokenizer), self.mkt.top_k), held.public, client)
         theta, n = super().check_reply(Payload(adapter_part(task.tensors)),
-                                       Payload(adapter_part(reply.tensors), reply.num_examples), client)
-        return theta | to_tensors(top), n
+                                       Payload(adapter_part(reply.tensors), reply.num_examples), client, declared)
+        return theta | to_tensors(replace(top, ce=topk_ce(top, held.public))), n
 
     def aggregate(self, states: States, updates: Updates, r: int) -> States:
         self._uploads = {c: from_tensors(t, c, len(self.wb.held(c).tokenizer)) for c, (t, _) in updates.items()}
         adapters = {c: (adapter_part(t), n) for c, (t, n) in updates.items()}
         if self.mkt.share_adapters:
-            return states | {"slm": fedavg(list(adapters.values()))}
+            return states | {"slm": self.average(states["slm"], adapters, r)}
         return states | {c: theta for c, (theta, _) in adapters.items()}  # a rejected client keeps its adapter
 
     def server_update(self, states: States, r: int) -> tuple[States, dict, dict]:
@@ -181,6 +199,7 @@ class FedMKT(Method):
             return states, {}, {}
         wb, mkt = self.wb, self.mkt
         own = self._llm_topk(states)
+        own = replace(own, ce=topk_ce(own, wb.aux_data))  # scored as the clients are, so that no side is favoured
         load_adapter_state(wb.llm, states["llm"])
         teachers = [moved((uploads[c], wb.held(c).public, wb.held(c).tokenizer), wb.aux_data, wb.tokenizer)
                     for c in sorted(uploads)]

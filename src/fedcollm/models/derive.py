@@ -27,7 +27,7 @@ from fedcollm.config import DeriveConfig, parse_derived_spec
 from fedcollm.data.tasks import load_alpaca_texts
 from fedcollm.errors import ModelError
 from fedcollm.fileio import atomic_write_text
-from fedcollm.models.loading import cache_dir, load_model, load_tokenizer
+from fedcollm.models.loading import cache_dir, cache_lock, load_model, load_tokenizer
 
 HELD_OUT_TEXTS = 128  # last Alpaca rows, never used for selection or healing
 
@@ -155,6 +155,13 @@ def derive_slm(base: str, n_layers: int, cfg: DeriveConfig, data_dir: str | None
     out_dir = out_dir or derived_dir(base, n_layers, cfg)
     if (out_dir / "config.json").exists():
         return out_dir
+    with cache_lock(out_dir):
+        if (out_dir / "config.json").exists():  # derived while we waited
+            return out_dir
+        return _derive(base, n_layers, cfg, data_dir, out_dir)
+
+
+def _derive(base: str, n_layers: int, cfg: DeriveConfig, data_dir: str | None, out_dir: Path) -> Path:
     t0 = time.time()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

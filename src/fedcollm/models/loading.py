@@ -6,8 +6,11 @@ loads take seconds instead of the 15-60 s a GGUF dequantization costs.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -114,8 +117,29 @@ def resolve_dtype(dtype: str, device: torch.device, model: str | Path | None = N
     return table[dtype]
 
 
+@contextmanager
+def cache_lock(target: Path):
+    """Hold an exclusive lock on `target` (a file beside it) across processes: several clients of one machine
+    that start together must not each spend minutes deriving or converting, or half-write, the same cached model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to finish {target.name}", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
-    """Dequantize a GGUF file with transformers and save plain safetensors + tokenizer into `target`."""
+    """Dequantize a GGUF file with transformers and save plain safetensors + tokenizer into `target`, once: under
+    the cache lock, so processes that start together convert it once and the others wait."""
+    with cache_lock(target):
+        if not (target / "config.json").exists():  # not converted while we waited
+            _convert_gguf_unlocked(gguf_path, target)
+
+
+def _convert_gguf_unlocked(gguf_path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once) in %s", gguf_path.name, target)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
+from dataclasses import replace
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -25,18 +26,23 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedcollm.aggregate import bound_update
 from fedcollm.comm import Payload
-from fedcollm.config import Config
+from fedcollm.config import Config, read_toml
 from fedcollm.data.batching import SFTData
-from fedcollm.data.partition import load_train_pool, partition
-from fedcollm.engines.flower.records import from_record, to_record
-from fedcollm.engines.flower.secagg import from_arrays, to_arrays
+from fedcollm.data.partition import load_train_pool, partition, public_set
+from fedcollm.data.tasks import MCExample
+from fedcollm.engines.flower.records import CONFIG, from_record, to_record
+from fedcollm.engines.flower.secagg import (
+    CLIPPED,
+    clipped_entries,
+    from_arrays,
+    to_arrays,
+)
 from fedcollm.errors import ConfigError
 from fedcollm.methods import METHOD_CLASSES, Method
 from fedcollm.methods.base import ClientResources
 from fedcollm.models.lora import adapter_state
-from fedcollm.privacy import clip_change
+from fedcollm.privacy import add_noise, client_noise_std, clip_change, expected_clients
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -46,12 +52,46 @@ _cache: dict[tuple[int, str], ClientResources] = {}
 
 
 def _with_own_data(cfg: Config, path: str) -> Config:
-    """The server's config with this client's own [data] / [tasks.NAME] tables from `path` laid over it."""
-    own = Config.from_toml(path).to_dict()
+    """The server's config with this client's own [data] / [tasks.NAME] tables from `path` laid over it. The file
+    must name its tasks (else the defaults would replace the server's unseen) and hold no other table (the
+    server's config decides everything else, so it would be ignored)."""
+    tables = read_toml(path)
+    others = sorted(set(tables) - {"data", "tasks"})
+    if others:
+        raise ConfigError(f"{path}: a data-config holds only [data] and [tasks.NAME] tables, but it has [{others[0]}], "
+                          f"which the server's config decides; remove it")
+    own = Config.from_dict(tables, where=path).to_dict()
+    if "tasks" not in tables.get("data", {}):
+        raise ConfigError(f"{path}: a data-config must name the tasks this client trains on ([data] tasks = [...]); "
+                          f"without it the client would train on the default tasks, not the server's")
     base = cfg.to_dict()
     base["data"] = own["data"]
     base["tasks"] = base["tasks"] | own["tasks"]
     return Config.from_dict(base, where=path)
+
+
+def _client_rows(cfg: Config, index: int, own: str,
+                 needs_public: bool) -> tuple[Config, list[MCExample], list[MCExample] | None]:
+    """This client's config, training rows and (where a method needs it) D^a.
+
+    With `own` (a data-config path): every train row of the tasks that file declares, from its own disk; else
+    shard `index` cut from the data.tasks pool exactly as the in-process engine cuts it. D^a is the train rows
+    of data.aux_tasks, read from the client's data folder, or where that is empty the pooled split's cut."""
+    data, seed = cfg.data, cfg.run.seed
+    split = None
+    if not own or (needs_public and not data.aux_tasks):  # the shared split, cut as the in-process engine cuts it
+        split = partition(load_train_pool(cfg.task_specs(data.tasks), data, seed), cfg.federation.clients, data, seed)
+    if own:  # all of its own rows
+        cfg = _with_own_data(cfg, own)
+        pool = load_train_pool(cfg.task_specs(cfg.data.tasks), cfg.data, seed)
+        shard = [ex for examples in pool.values() for ex in examples]
+    else:
+        shard = split.clients[index]
+    if not needs_public:
+        return cfg, shard, None
+    if data.aux_tasks:
+        return cfg, shard, public_set(cfg.task_specs(data.aux_tasks), replace(data, data_dir=cfg.data.data_dir), seed)
+    return cfg, shard, split.aux
 
 
 def _client_side(context: Context) -> ClientResources:
@@ -77,29 +117,22 @@ def _client_side(context: Context) -> ClientResources:
     node = context.node_config
     if "partition-id" not in node:
         raise ConfigError("node config: partition-id is required (flower-supernode --node-config 'partition-id=K')")
-    index = int(node["partition-id"])
+    index = node["partition-id"]
+    if type(index) is not int:
+        raise ConfigError(f"node config: partition-id must be a whole number (--node-config 'partition-id=K'), "
+                          f"got {type(index).__name__} {index!r}")
     if not 0 <= index < cfg.federation.clients:
         raise ConfigError(f"node config: partition-id {index} is not in [0, federation.clients = "
                           f"{cfg.federation.clients})")
-    own = str(node.get("data-config", ""))
     needs_public = any(METHOD_CLASSES[m].needs_public for m in cfg.run.methods)
-    shared = None
-    if needs_public or not own:  # the shared split, cut as the in-process engine cuts it
-        shared = partition(load_train_pool(cfg.task_specs(cfg.data.tasks), cfg.data, cfg.run.seed),
-                           cfg.federation.clients, cfg.data, cfg.run.seed)
-    if own:  # all of its own rows
-        cfg = _with_own_data(cfg, own)
-        pool = load_train_pool(cfg.task_specs(cfg.data.tasks), cfg.data, cfg.run.seed)
-        shard = [ex for examples in pool.values() for ex in examples]
-    else:  # shard `index` of the shared split
-        shard = shared.clients[index]
+    cfg, shard, public_rows = _client_rows(cfg, index, str(node.get("data-config", "")), needs_public)
     device = resolve_device(cfg.model.device)
     slm_dir = resolve_model_dir(cfg.client_models()[index], cfg.derive, cfg.data.data_dir)
     slm = add_lora(load_model(slm_dir, resolve_dtype(cfg.model.dtype, device, slm_dir), device), cfg.model.lora,
                    cfg.run.seed + 1)
     tokenizer = load_tokenizer(slm_dir)
     max_len = cfg.model.max_length
-    public = SFTData(shared.aux, tokenizer, max_len) if needs_public else None
+    public = SFTData(public_rows, tokenizer, max_len) if needs_public else None
     side = ClientResources(cfg, index, slm, tokenizer, SFTData(shard, tokenizer, max_len), public)
     _cache.clear()  # a long-lived worker (clientapp-worker) keeps one run's SLM, not one per run it ever served
     _cache[key] = side
@@ -120,7 +153,7 @@ def train(msg: Message, context: Context) -> Message:
     """Run the client hook of the method the server names in `meta` on the task; reply with what it returns
     (the server checks it). A message without a method name is plain SFT from the sent adapter."""
     side = _client_side(context)
-    meta = msg.content.config_records["meta"]
+    meta = msg.content.config_records[CONFIG]
     method = str(meta.get("method", Method.name))
     if method not in METHOD_CLASSES:
         raise ConfigError(f"server asked for unknown method {method!r}; known: {', '.join(METHOD_CLASSES)}")
@@ -130,22 +163,39 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train(mods=[secaggplus_mod])
 def train_secure(msg: Message, context: Context) -> Message:
-    """The SecAgg+ path: the same training, in Flower's legacy FitIns/FitRes layout that secaggplus_mod masks.
+    """The SecAgg+ path: the same training, in Flower's legacy FitIns/FitRes layout that secaggplus_mod masks; what
+    is masked is the change from the adapter sent (the server adds the mean change back).
 
     The server cannot inspect this update, so what it would enforce is enforced here before masking: the
-    robustness policy (clip, never reject: the client does not withhold itself) and, under DP, the clip to C
-    with an example count of 1 (equal weights).
+    robustness policy (clip, never reject: the client does not withhold itself) and, under DP, the clip to C and
+    equal weights. The weight it reports is the weight element the server assigned from the declared counts (at
+    most secagg.quantization_range, so the summed elements cannot wrap). Under dp.mode = distributed the client
+    then adds its share of the noise, drawn from OS entropy: the run seed is known to the server. How many entries
+    Flower's clip to +-secagg.clipping_range changes is sent in the clear as a count, or only logged here under DP
+    (a per-client count is not noised).
     """
     side = _client_side(context)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     like = adapter_state(side.slm)
     sent = from_arrays(parameters_to_ndarrays(fitins.parameters), like)
     update = Method.client_fit(side, Payload(sent), int(fitins.config["round"]))
-    theta, n = update.tensors, update.num_examples
-    fed, dp = side.cfg.federation, side.cfg.dp
-    theta, n = bound_update(theta, sent, n, side.name, fed.max_examples, fed.max_update_ratio, "clip")
+    sent = {k: v.double() for k, v in sent.items()}  # float64 throughout: no float32 floor on the quantization
+    theta = {k: v.double() for k, v in update.tensors.items()}
+    fed, dp, levels = side.cfg.federation, side.cfg.dp, side.cfg.secagg.quantization_range
+    if fed.max_update_norm > 0:  # the median rule needs the round's other updates, which nobody here sees
+        theta = clip_change(theta, sent, fed.max_update_norm)
+    element = min(int(fitins.config["weight"]), levels)
     if dp.noise_multiplier > 0:
-        theta, n = clip_change(theta, sent, dp.clip_norm), 1
-    arrays = [a.astype(np.float64) for a in to_arrays(theta)]  # float64: no float32 floor on the quantization
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {})
+        theta, element = clip_change(theta, sent, dp.clip_norm), levels
+    change = {k: theta[k] - sent[k] for k in sent}
+    if dp.noise_multiplier > 0 and dp.mode == "distributed":
+        sampled = expected_clients(dp, fed.clients, fed.fraction_fit, fed.min_fit_clients)
+        change = add_noise(change, client_noise_std(dp, fed.clients, sampled), secrets.randbits(64))
+    arrays = to_arrays(change)
+    clipped = clipped_entries(arrays, element, side.cfg.secagg)
+    if clipped:
+        log.warning("client %s: %d entries of the upload clipped to +-secagg.clipping_range = %g", side.name,
+                    clipped, side.cfg.secagg.clipping_range)
+    metrics = {} if dp.noise_multiplier > 0 else {CLIPPED: clipped}
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), element, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

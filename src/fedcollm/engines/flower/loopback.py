@@ -1,6 +1,8 @@
-"""A real Flower deployment on 127.0.0.1 for tests and benchmarks: one `flower-superlink` and one
-`flower-supernode` per client as separate processes, TLS and SuperNode authentication on, and the fedcollm app
-submitted with `flwr run`. The same commands, one machine each, are the README's "Run across machines".
+"""A real Flower deployment on 127.0.0.1 for tests and benchmarks: one SuperLink (Flower's, started by
+`fedcollm.engines.flower.superlink`: its full API on a local port, only the Fleet API on the port SuperNodes
+reach, its state in a database file) and one `flower-supernode` per client as separate processes, TLS and
+SuperNode authentication on, and the fedcollm app submitted with `flwr run`. The same commands, one machine each,
+are the README's "Run across machines".
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,15 +52,20 @@ class LoopbackFederation:
     """SuperLink + SuperNodes on this machine; use as a context manager, which kills every process it started."""
 
     def __init__(self, workdir: Path, nodes: int, tls: bool = True, auth: bool = True, worker: bool = True,
-                 client_nice: int = 0):
+                 client_nice: int = 0, node_config: dict[int, str] | None = None, apart: bool = False):
         """worker: each SuperNode runs `--isolation process` with a long-lived `fedcollm clientapp-worker`
         (False: Flower's default, a fresh `flwr-clientapp` process per message). Every node gets an equal share
         of this machine's cores (OMP_NUM_THREADS), as it would have its own machine's cores. client_nice: the
         niceness of every SuperNode and its ClientApp processes, which stand in for other machines: while the
-        server computes, their idle polls then yield to it rather than compete with its threads."""
+        server computes, their idle polls then yield to it rather than compete with its threads. node_config:
+        more of SuperNode k's node config (e.g. `data-config="/its/own.toml"`). apart: every party (SuperLink,
+        each SuperNode with its worker, the `flwr` CLI) runs with its own HOME and working directory,
+        WORKDIR/homes/NAME, as on a machine of its own."""
         self.work, self.nodes, self.tls, self.auth, self.worker = Path(workdir), nodes, tls, auth, worker
-        self.client_nice = client_nice
-        self.port = free_port()
+        self.client_nice, self.node_config, self.apart = client_nice, node_config or {}, apart
+        self.port = free_port()  # the SuperLink's full API: the operator's `flwr` CLI, the SuperExec
+        self.fleet_port = free_port()  # the Fleet API alone: what SuperNodes (clients) reach
+        self.database = self.work / "superlink.db"  # registered SuperNodes and runs survive a SuperLink restart
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = os.environ | {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                                  "PYTHONUNBUFFERED": "1"}
@@ -79,11 +87,12 @@ class LoopbackFederation:
     def _home(self, name: str) -> dict:
         home = self.work / "homes" / name
         home.mkdir(parents=True, exist_ok=True)
-        return self.env | {"FLWR_HOME": str(home)}
+        return self.env | {"FLWR_HOME": str(home)} | ({"HOME": str(home)} if self.apart else {})
 
     def _spawn(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
         log = open(self.work / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=env["FLWR_HOME"] if self.apart else None)
         self.procs[name] = proc
         return proc
 
@@ -95,24 +104,31 @@ class LoopbackFederation:
             names = [f"node{k}" for k in range(self.nodes)]
             subprocess.run(["bash", str(SCRIPTS / "gen_node_keys.sh"), str(keys), *names], check=True,
                            capture_output=True)
-        tls_link = (["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"),
-                     "--ssl-keyfile", str(certs / "server.key")] if self.tls else ["--insecure"])
+        self.tls_link = (["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"),
+                          "--ssl-keyfile", str(certs / "server.key")] if self.tls else ["--insecure"])
         self.tls_node = ["--root-certificates", str(certs / "ca.crt")] if self.tls else ["--insecure"]
         (self.work / "homes" / "cli").mkdir(parents=True, exist_ok=True)
         security = f'root-certificates = "{certs / "ca.crt"}"' if self.tls else "insecure = true"
         (self.work / "homes" / "cli" / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\n{security}\n')
-        self._spawn("superlink", ["flower-superlink", *tls_link, *(["--enable-supernode-auth"] if self.auth else []),
-                                  "--host", "127.0.0.1", "--port", str(self.port),
-                                  "--disable-runtime-dependency-installation"], self._home("superlink"))
-        self._wait_for_port(self.port, "superlink")
+        self.start_superlink()
         for k in range(self.nodes):
             if self.auth:
                 self.flwr("supernode", "register", str(keys / f"node{k}.pub"), CONNECTION, "--name", f"node{k}",
                           "--format", "json")
             self.start_node(k)
         self._wait_for_log_lines("SuperNode ID:", [f"node{k}" for k in range(self.nodes)])
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink; restarting a killed one is the same call, and it keeps its database."""
+        self._spawn("superlink", [sys.executable, "-m", "fedcollm.engines.flower.superlink", "--fleet-address",
+                                  f"127.0.0.1:{self.fleet_port}", *self.tls_link,
+                                  *(["--enable-supernode-auth"] if self.auth else []), "--host", "127.0.0.1",
+                                  "--port", str(self.port), "--database", str(self.database),
+                                  "--disable-runtime-dependency-installation"], self._home("superlink"))
+        self._wait_for_port(self.port, "superlink")
+        self._wait_for_port(self.fleet_port, "superlink")
 
     def start_node(self, k: int, partitions: int | None = None) -> None:
         """Start SuperNode k (partition-id k); restarting a killed one is the same call."""
@@ -121,8 +137,10 @@ class LoopbackFederation:
         isolation = ["--isolation", "process"] if self.worker else []
         runtime, env = free_port(), self._home(f"node{k}") | {"OMP_NUM_THREADS": self.node_threads}
         procs = [self._spawn(f"node{k}", ["flower-supernode", *self.tls_node, *auth, *isolation, "--superlink",
-                                          f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(runtime),
-                                          "--node-config", f"partition-id={k} num-partitions={partitions or self.nodes}"],
+                                          f"127.0.0.1:{self.fleet_port}", "--host", "127.0.0.1",
+                                          "--port", str(runtime),
+                                          "--node-config", f"partition-id={k} num-partitions={partitions or self.nodes} "
+                                          f"{self.node_config.get(k, '')}".strip()],
                              env)]
         if self.worker:
             procs.append(self._spawn(f"worker{k}", ["fedcollm", "clientapp-worker", "--runtime-api-address",

@@ -9,7 +9,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from fedcollm.aggregate import capped_weights
 from fedcollm.comm import Payload
+from fedcollm.config import FederationConfig
 from fedcollm.engines.flower.records import from_record, to_record, wire_bytes
 from fedcollm.errors import FederationError, InvalidUpdate
 
@@ -26,6 +28,7 @@ class PromptGrid:
     def __init__(self, grid: Grid):
         self._grid = grid
         self.bytes_down = self.bytes_up = 0
+        self.arrived: dict[str, float] = {}  # message id -> when its reply (or the SuperLink's error) came
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -33,12 +36,14 @@ class PromptGrid:
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         self.bytes_down += sum(wire_bytes(m.content) for m in messages)
+        self.arrived = {}
         pending = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
             got = list(self._grid.pull_messages(pending))
             replies += got
+            self.arrived |= {m.metadata.reply_to_message_id: time.monotonic() for m in got}
             pending -= {m.metadata.reply_to_message_id for m in got}
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
@@ -51,10 +56,11 @@ class FlowerTransport:
     """Reach the clients (SuperNodes) through a Flower Grid; a client that does not answer in time is a dropout."""
 
     def __init__(self, grid: Grid, setup: dict, expected: int, minimum: int, timeout: float, setup_timeout: float,
-                 context=None, secagg=None, weights_equal: bool = False):
+                 context=None, secagg=None, weights_equal: bool = False, federation: FederationConfig | None = None):
         self.grid, self.timeout, self.context, self.secagg = PromptGrid(grid), timeout, context, secagg
         self.secure = bool(secagg and secagg.enabled)
         self.weights_equal = weights_equal
+        self.federation = federation or FederationConfig()  # SecAgg+ weights: max_examples, max_share
         self.examples: dict[str, int] = {}
         self.node_of = self._discover(setup, expected, minimum, setup_timeout)
         self.client_names = sorted(self.node_of, key=lambda n: int(n.split("_")[-1]))
@@ -89,49 +95,71 @@ class FlowerTransport:
             raise FederationError(f"only {len(node_of)} of federation.clients = {expected} clients answered the setup "
                                   f"within {timeout:.0f} s (federation.min_fit_clients = {minimum}); answered: "
                                   f"{sorted(node_of) or 'none'}")
-        log.info("clients: %s", ", ".join(f"{n} (node {i})" for n, i in sorted(node_of.items())))
+        log.info("clients: %s", ", ".join(f"{n} (SuperNode {i})" for n, i in sorted(node_of.items())))
         return node_of
 
     def fit(self, tasks: dict[str, Payload], round_idx: int,
             method: str) -> tuple[dict[str, Payload | InvalidUpdate], int, int]:
+        """Every reply is decoded inside its own check, so a malformed one is that client's InvalidUpdate; a client
+        without an update (gone, failed, silent) is missing from the replies and logged once, as a dropout."""
+        started = time.monotonic()
         connected = set(self.grid.get_node_ids())
-        gone = sorted(name for name in tasks if self.node_of[name] not in connected)
-        if gone:
-            log.warning("round %d: %s no longer connected (dropped out)", round_idx, ", ".join(gone))
+        lost = {name: "its SuperNode was no longer connected when the round began"
+                for name in tasks if self.node_of[name] not in connected}
         messages = {name: self.grid.create_message(to_record(task, round=round_idx, method=method),
                                                    PLAIN_TRAIN, self.node_of[name],
                                                    str(round_idx))
-                    for name, task in tasks.items() if name not in gone}
+                    for name, task in tasks.items() if name not in lost}
         name_of = {nid: name for name, nid in self.node_of.items()}
         replies: dict[str, Payload | InvalidUpdate] = {}
         bytes_up = 0
         for nid, reply in self._exchange(list(messages.values()), self.timeout):
-            name = name_of.get(nid, f"node {nid}")
-            if reply.has_error():
-                if reply.error.code == ErrorCode.NODE_UNAVAILABLE:  # the SuperLink says the node is gone
-                    continue  # a dropout, reported below like a reply that never came
-                replies[name] = InvalidUpdate(f"client {name}: failed this round ({reply.error.reason})")
+            name = name_of.get(nid)
+            if name not in messages:
+                log.warning("round %d: ignored a reply from SuperNode %d, which was sent no task", round_idx, nid)
                 continue
-            bytes_up += wire_bytes(reply.content)
-            replies[name] = from_record(reply.content, name)
-        for name in set(tasks) - set(replies):
-            log.warning("round %d: client %s did not answer within %.0f s (dropped out)", round_idx, name,
-                        self.timeout)
+            try:
+                if reply.has_error():
+                    after = self.grid.arrived.get(reply.metadata.reply_to_message_id, time.monotonic()) - started
+                    lost[name] = (f"its SuperNode stopped answering Flower's heartbeat (noticed {after:.0f} s into "
+                                  f"the round)" if reply.error.code == ErrorCode.NODE_UNAVAILABLE else
+                                  f"its ClientApp failed after {after:.0f} s ({reply.error.reason})")
+                    continue
+                bytes_up += wire_bytes(reply.content)
+                replies[name] = from_record(reply.content, self.label(name))
+            except InvalidUpdate as err:
+                replies[name] = err
+            except Exception as err:  # noqa: BLE001 - a peer's bytes: any failure to read them is that peer's fault
+                replies[name] = InvalidUpdate(f"client {self.label(name)}: reply does not decode "
+                                              f"({type(err).__name__}: {err})")
+        for name in set(messages) - set(replies) - set(lost):
+            lost[name] = f"no reply within the round's timeout of {self.timeout:.0f} s"
+        for name in sorted(lost, key=self.client_names.index):
+            log.warning("round %d: %s dropped out: %s", round_idx, self.label(name), lost[name])
         return replies, sum(wire_bytes(m.content) for m in messages.values()), bytes_up
 
+    def label(self, name: str) -> str:
+        """A client as every log line names it: its name and the SuperNode id Flower's own lines use."""
+        return f"{name} (SuperNode {self.node_of[name]})"
+
     def fit_secure(self, task: Payload, names: list[str], round_idx: int) -> tuple[Payload | None, list[str], dict]:
-        """One SecAgg+ round over `names`: the weighted average of their adapters (weights = shard sizes, or
-        equal under DP) and the names it covers; the server never holds an individual adapter."""
+        """One SecAgg+ round over `names`: sent + the weighted mean of their changes (weights: the declared example
+        counts, capped as the in-process engine caps them, or equal under DP) and the names it covers; the server
+        never holds an individual update. `seen` adds the round's clipped entries and quantization error bound."""
         from fedcollm.engines.flower.secagg import secure_round
 
         connected = set(self.grid.get_node_ids())
-        chosen = {self.node_of[n] for n in names if self.node_of[n] in connected}
-        max_weight = 1.0 if self.weights_equal else float(max(self.examples[n] for n in names))
+        chosen = [n for n in names if self.node_of[n] in connected]
+        fed = self.federation
+        counts = [min(self.examples[n], fed.max_examples) for n in chosen]  # as declared at setup, capped
+        shares = [1.0] * len(chosen) if self.weights_equal else capped_weights(counts, fed.max_share)
         self.grid.bytes_down = self.grid.bytes_up = 0
-        average, seen = secure_round(self.grid, self.context, task.tensors, chosen, round_idx, self.secagg, max_weight)
+        average, seen = secure_round(self.grid, self.context, task.tensors,
+                                     {self.node_of[n]: w for n, w in zip(chosen, shares)}, round_idx, self.secagg)
         name_of = {nid: name for name, nid in self.node_of.items()}
         contributors = sorted((name_of[nid] for nid in seen.pop("secagg_contributors")),
                               key=self.client_names.index)
         seen |= {"bytes_down": self.grid.bytes_down, "bytes_up": self.grid.bytes_up}  # all four SecAgg+ stages
-        count = len(contributors) if self.weights_equal else sum(self.examples[n] for n in contributors)
+        count = len(contributors) if self.weights_equal else sum(min(self.examples[n], fed.max_examples)
+                                                                 for n in contributors)
         return (Payload(average, count) if average is not None else None), contributors, seen
