@@ -2,7 +2,7 @@
 in --z), K in --clients, on benchmarks/dp_cost.toml; writes benchmarks/results/dp-cost/results.{json,md}.
 
     python benchmarks/dp_cost.py                          # K = 4, 16, 100; z = off, 0.5, 1.0 (resumes cells)
-    python benchmarks/dp_cost.py --clients 4 16 --z 1.0
+    python benchmarks/dp_cost.py --clients 100 --z 1.0    # adds these cells to the results of earlier invocations
 
 With full participation the noise on the mean has std z * C / K, so the same z costs far less with many clients;
 epsilon after the run (at dp.delta) is read from the run's own accounting, not recomputed here.
@@ -38,6 +38,16 @@ def cell(base, clients: int, z: float | None, root: Path) -> dict:
             "dp": last.get("dp"), "seconds_this_invocation": time.time() - t0}
 
 
+def zero_shot(base, root: Path) -> float:
+    """The untrained SLM on the same items: the floor that DP's noise can push FedAvg down to."""
+    from fedcollm.cli import resume_experiment, run_experiment
+
+    out = root / "zero-shot"
+    cfg = base.override([f"run.out_dir={out}", "run.methods=['zero_shot']"])
+    results = resume_experiment(out) if (out / "config.json").exists() else run_experiment(cfg)
+    return results["slm"]["zero_shot"]["arc_easy"]
+
+
 def main() -> None:
     from fedcollm.config import Config
 
@@ -51,10 +61,16 @@ def main() -> None:
     base = Config.from_toml(HERE / "dp_cost.toml")
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [cell(base, k, z, Path(args.runs)) for k in args.clients for z in [None, *args.z]]
-    (out / "results.json").write_text(json.dumps({"machine": machine(), "config": base.to_dict(), "cells": rows},
-                                                 indent=2))
-    lines = ["| clients | z | SLM acc (%) | epsilon | noise std on the mean |", "|---|---|---|---|---|"]
+    done = json.loads((out / "results.json").read_text())["cells"] if (out / "results.json").exists() else []
+    rows = {row["cell"]: row for row in done}  # cells of earlier invocations stay, re-run ones are replaced
+    rows |= {row["cell"]: row for row in (cell(base, k, z, Path(args.runs)) for k in args.clients
+                                          for z in [None, *args.z])}
+    rows = sorted(rows.values(), key=lambda row: (row["clients"], row["noise_multiplier"] or 0.0))
+    reference = zero_shot(base, Path(args.runs))
+    (out / "results.json").write_text(json.dumps({"machine": machine(), "config": base.to_dict(),
+                                                 "zero_shot_acc": reference, "cells": rows}, indent=2))
+    lines = [f"Zero-Shot SLM acc: {100 * reference:.1f} % on the same {rows[0]['n_eval']} items.", "",
+             "| clients | z | SLM acc (%) | epsilon | noise std on the mean |", "|---|---|---|---|---|"]
     for row in rows:
         dp = row["dp"] or {}
         eps = f"{dp['epsilon']:.2f}" if "epsilon" in dp else "-"

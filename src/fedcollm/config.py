@@ -240,8 +240,8 @@ class FederationConfig:
     """Largest share of a round's total weight one client may hold in FedAvg (weights above it are cut and the rest
     renormalised); where fewer than 1 / max_share clients are accepted, their weights become equal."""
     max_update_ratio: float = 3.0
-    """Largest L2 norm of a client's change to the adapter it was sent, as a multiple of the median change norm of
-    the round's accepted updates (a bound no single client can raise, so it cannot compound over rounds)."""
+    """Largest L2 norm of a client's change to the adapter it was sent, as a multiple of the lower median change
+    norm of the round's accepted updates (a bound no single client can raise, so it cannot compound over rounds)."""
     max_update_norm: float = 0.0
     """A fixed largest L2 norm of a client's change instead of max_update_ratio x median; 0 = use the median rule."""
     norm_action: str = "clip"
