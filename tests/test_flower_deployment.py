@@ -141,13 +141,28 @@ def _relative_l2(a, b) -> float:
 
 
 def test_secagg_server_holds_only_the_average_and_matches_inprocess_within_quantization(tiny_setup):
+    """FedAvg's round-1 adapter is sent + the securely aggregated mean change, so it must equal the in-process one
+    within the round's reported quantization bound, entry by entry (plus float32 rounding). FedCoLLM's final adapters
+    are no such function of the aggregate: at this seed the LLM's q_proj lora_A[0, 18] has a gradient of 2e-6
+    (median entry 4e-3) at its first non-zero KD step, and Adam turns its sign into a +-lr step, so SecAgg+'s
+    random stochastic rounding (1.8e-7 relative on the aggregate) flips it in about 5 runs of 12 and the final SLM
+    is then 6.2e-4 off the in-process one (else 5e-6); only a gross error is refused there (summing with the
+    uncapped count weights gave 6.4e-2)."""
     root, config, reference = tiny_setup
     out = root / "secagg-run"
+    fedavg_reference = root / "inprocess-fedavg"
+    cli.dispatch(["run", "--config", str(config), "--out", str(fedavg_reference), "--set", "run.methods=['fedavg']"])
     with LoopbackFederation(root / "deploy-secagg", nodes=3, auth=False) as fed:
         run_id = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 120.0,
-                             "set": "secagg.enabled=true"})
+                             "set": "secagg.enabled=true;run.methods=['fedcollm','fedavg']"})
         status = fed.wait(run_id, timeout=900)
         assert status == "finished:completed", fed.logs(run_id)[-3000:]
+    [first, _] = RunDir(out).read_metrics("fedavg")
+    ours, theirs = (RunDir(run).load_round("fedavg", 1, {"slm": None})["slm"] for run in (out, fedavg_reference))
+    tolerance = {k: first["secagg_quantization_bound"] + 2 * torch.finfo(torch.float32).eps * t.double().abs()
+                 for k, t in theirs.items()}
+    assert all(((ours[k].double() - t.double()).abs() <= tolerance[k]).all() for k, t in theirs.items())
+    assert any(not torch.equal(ours[k], t) for k, t in theirs.items())  # quantized: not the exact mean
     metrics = RunDir(out).read_metrics("fedcollm")
     # what the server's strategy was handed each round: one result per client, every one the same average
     assert [m["secagg_results"] for m in metrics] == [3, 3]
@@ -160,7 +175,7 @@ def test_secagg_server_holds_only_the_average_and_matches_inprocess_within_quant
     assert all(m["bytes_up"] > 3 * masked and m["bytes_down"] > 0 for m in metrics)
     error = _relative_l2(ours["slm"], theirs["slm"])
     (root / "secagg_rel_error.json").write_text(json.dumps({"slm_rel_l2_after_2_rounds": error}))
-    assert 0 < error < 1e-4, error
+    assert 0 < error < 1e-2, error
 
 
 def test_fedmkt_with_clients_of_other_vocabularies_on_flower_equals_inprocess(tmp_path_factory, data_dir, tokenizer,
