@@ -93,7 +93,7 @@ def test_a_reply_with_a_float_example_count_rejects_that_client_and_the_round_go
     with caplog.at_level(logging.WARNING):
         metrics = _run(make_workbench(str(tmp_path)), tmp_path, float_count)
     assert [(m["accepted"], m["rejected"], m["dropped"]) for m in metrics] == [(2, 1, [])] * 2
-    assert "client client_1 (SuperNode 102): num_examples must be an int, got 10.0" in caplog.text
+    assert "client client_1 (SuperNode 102): num-examples must be an int, got 10.0" in caplog.text
 
 
 def test_a_client_whose_supernode_is_lost_is_one_dropout_reported_once_with_its_node(make_workbench, tmp_path,
