@@ -144,7 +144,7 @@ def test_a_federation_whose_sum_could_pass_the_largest_modulus_is_refused():
                secagg=SecAggConfig(enabled=True, quantization_range=2**30))
 
 
-def test_with_distributed_dp_the_server_never_sees_the_noiseless_mean(server_identity, model_dirs, data_dir):
+def test_with_distributed_dp_the_server_never_sees_the_noiseless_mean(server_identity, model_dirs, data_dir):  # noqa: F811
     """The server's attack: compare what SecAgg+ hands it with the clipped noiseless mean of the clients' changes
     (recomputed here from the same deterministic training). Against d614e59 (central DP only: the server noised the
     sum after unmasking it) the aggregate equalled the noiseless mean to 1.7e-7 (float32 rounding). With

@@ -38,7 +38,10 @@ def test_malformed_reply_names_the_client(content, expected):
 def test_flowers_own_fedavg_reads_our_replies_under_its_standard_keys():
     """Flower's Message strategies weight by "num-examples" in the one MetricRecord and average the one
     ArrayRecord; our replies pass its consistency check and its average is the sample-weighted mean."""
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, validate_message_reply_consistency
+    from flwr.serverapp.strategy.strategy_utils import (
+        aggregate_arrayrecords,
+        validate_message_reply_consistency,
+    )
 
     other = {k: v + 1.0 for k, v in STATE.items()}
     replies = [to_record(Payload(STATE, 10)), to_record(Payload(other, 30))]
