@@ -244,7 +244,8 @@ def _secure_client_phase(method: Method, transport: Transport, states: States, t
     t0 = time.perf_counter()
     try:
         if average is None:
-            raise InvalidUpdate("secure aggregate: SecAgg+ halted (too few clients answered)")
+            raise InvalidUpdate("secure aggregate: none this round (SecAgg+ halted for too few clients, or its "
+                                "mean was out of range: see the line before and secagg_out_of_range)")
         validate_update(average.tensors, first.tensors, max(average.num_examples, 1), "secure aggregate")
     except InvalidUpdate as err:
         log.warning("round %d: %s; the adapters are kept", r, err)
