@@ -158,7 +158,13 @@ def _round_one(wb, method: FedMKT):
     return states, method.aggregate(states, accepted, 1), replies
 
 
-def test_server_distils_the_llm_with_dual_min_ce_and_sends_its_topk(wb):
+NEXT_ROUND = MKT | {"slm_when": "next_round"}
+
+
+def test_server_distils_the_llm_with_dual_min_ce_and_sends_its_topk(make_workbench, tmp_path):
+    """The order before issue 27 (slm_when = next_round): the LLM's top-k after its update rides in the next
+    round's task, and the server leaves the clients' adapters as uploaded."""
+    wb = make_workbench(str(tmp_path), fedmkt=NEXT_ROUND, run={"methods": ["fedmkt"]})
     method = FedMKT(wb)
     before, states, replies = _round_one(wb, method)
     assert all(states_equal(states[c], adapter_part(replies[c].tensors)) for c in replies)  # each keeps its own
@@ -179,6 +185,47 @@ def test_server_distils_the_llm_with_dual_min_ce_and_sends_its_topk(wb):
     sent = _topk_of(task, wb)
     load_adapter_state(wb.llm, states["llm"])
     assert torch.equal(sent.ids, public_topk(wb.llm, wb.aux_data, K, len(wb.tokenizer), 4).ids)
+
+
+def test_after_llm_each_slm_distils_from_the_llm_updated_in_the_same_round(wb):
+    """FATE-LLM's order (the default): after the LLM's update, each client's adapter distils from that LLM's top-k,
+    selected against its own upload, exactly as a client would run it; the next task carries only the adapter."""
+    from dataclasses import replace
+
+    from fedcollm.methods.fedmkt import distil_from
+
+    method = FedMKT(wb)
+    _, states, replies = _round_one(wb, method)
+    uploads = {c: replace(t := _topk_of(r.tensors, wb), ce=topk_ce(t, wb.aux_data)) for c, r in replies.items()}
+    new_states, info, timing = method.server_update(dict(states), 1)
+    assert timing["server_slm_kd_s"] > 0
+    assert info["budget"].slm_steps == 3 * wb.cfg.fedmkt.slm_epochs * wb.aux_data.steps_per_epoch(MKT["batch_size"])
+    load_adapter_state(wb.llm, new_states["llm"])
+    llm_top = public_topk(wb.llm, wb.aux_data, K, len(wb.tokenizer), 4)
+    llm_top = replace(llm_top, ce=topk_ce(llm_top, wb.aux_data))
+    from fedcollm.algorithms.training import unit_seed
+    from fedcollm.models.lora import adapter_state
+
+    held = wb.held("client_1")
+    load_adapter_state(held.model, states["client_1"])
+    distil_from(held.model, held.public, uploads["client_1"], [llm_top], wb.cfg.fedmkt, 1, MKT["slm_lr"],
+                unit_seed(wb.cfg.run.seed, 1, 1), "expected", slm=True)
+    assert states_equal(new_states["client_1"], adapter_state(held.model))
+    assert not states_equal(new_states["client_1"], states["client_1"])
+    assert not any(k.startswith(PREFIX) for k in method.client_task(new_states, "client_1"))
+
+
+def test_choice_target_and_pool_teach_the_slms_from_the_llms_choice_distribution(make_workbench, tmp_path):
+    wb = make_workbench(str(tmp_path), fedmkt=MKT | {"target": "choices", "pool_epochs": 1.0},
+                        data={"public_pool": 3}, run={"methods": ["fedmkt"]})
+    assert wb.split.pool and all(ex.answer == -1 for ex in wb.split.pool)
+    method = FedMKT(wb)
+    _, states, _ = _round_one(wb, method)
+    new_states, info, _ = method.server_update(dict(states), 1)
+    pool_steps = -(-len(wb.split.pool) // MKT["batch_size"])
+    aux_steps = wb.aux_data.steps_per_epoch(MKT["batch_size"])
+    assert info["budget"].slm_steps == 3 * (aux_steps + pool_steps)
+    assert all(not states_equal(new_states[c], states[c]) for c in ("client_0", "client_1", "client_2"))
 
 
 def test_shared_adapters_are_averaged(make_workbench, tmp_path):
@@ -216,9 +263,11 @@ def test_a_malformed_topk_is_rejected_naming_its_client_and_the_round_goes_on(ma
     assert not states_equal(states["client_0"], wb.slm_init)
 
 
-def test_two_rounds_in_process_count_adapters_and_logits_both_ways(wb, tmp_path):
+@pytest.mark.parametrize("order", ["after_llm", "next_round"])
+def test_two_rounds_in_process_count_adapters_and_logits_both_ways(make_workbench, tmp_path, order):
     from fedcollm.report import build_results
 
+    wb = make_workbench(str(tmp_path), fedmkt=MKT | {"slm_when": order}, run={"methods": ["fedmkt"]})
     run = RunDir(tmp_path)
     run.write_config(wb.cfg.to_json())
     final = run_method(wb, "fedmkt", run)
@@ -227,7 +276,10 @@ def test_two_rounds_in_process_count_adapters_and_logits_both_ways(wb, tmp_path)
     answer_tokens = sum(n for _, n in wb.aux_data.encoded)
     logits = 6 * K * answer_tokens  # fp16 value + int32 id per kept logit
     assert r1["bytes_down"] == 3 * adapter  # round 1: the adapters only
-    assert r2["bytes_down"] > 3 * (adapter + logits)  # then the LLM's top-k too
+    if order == "next_round":
+        assert r2["bytes_down"] > 3 * (adapter + logits)  # then the LLM's top-k too
+    else:
+        assert r2["bytes_down"] == 3 * adapter  # the server taught the adapters already
     assert r1["bytes_up"] > 3 * (adapter + logits) and r2["bytes_up"] > 3 * (adapter + logits)
     assert r2["teachers"] == 3 and "kd_last" in r2
     assert set(final) == {"llm", "slm", "slm_clients"} and len(final["slm_clients"]) == 3
@@ -248,7 +300,7 @@ def test_fedmkt_refuses_secagg_and_dp():
 
 # ---- heterogeneous clients: other model families and tokenizers ------------------------------------------------
 
-HETERO = {"run": {"methods": ["fedmkt"]}, "fedmkt": MKT}
+HETERO = {"run": {"methods": ["fedmkt"]}, "fedmkt": NEXT_ROUND}
 
 
 def test_the_server_aligns_the_llm_topk_into_each_clients_vocabulary(make_hetero_workbench, tmp_path):
@@ -272,17 +324,21 @@ def test_the_server_aligns_the_llm_topk_into_each_clients_vocabulary(make_hetero
         assert torch.allclose(ours.probs, their.probs)
 
 
-def test_two_rounds_with_clients_of_other_families_and_tokenizers(make_hetero_workbench, tmp_path):
+@pytest.mark.parametrize("order", ["after_llm", "next_round"])
+def test_two_rounds_with_clients_of_other_families_and_tokenizers(make_hetero_workbench, tmp_path, order):
     from fedcollm.evaluate import evaluate_tasks
     from fedcollm.methods.base import curve_items
 
-    wb = make_hetero_workbench(str(tmp_path), **HETERO)
+    wb = make_hetero_workbench(str(tmp_path), **HETERO | {"fedmkt": MKT | {"slm_when": order}})
     run = RunDir(tmp_path)
     final = run_method(wb, "fedmkt", run)
     records = run.read_metrics("fedmkt")
     assert [r["teachers"] for r in records] == [3, 3] and [r["rejected"] for r in records] == [0, 0]
     assert all(0 < r["aligned_fraction"] < 1 for r in records)  # the clients' rows only partly align to the LLM's
-    assert records[1]["bytes_down"] > records[0]["bytes_down"]  # round 2 carries the LLM's (realigned) top-k
+    if order == "next_round":  # round 2 carries the LLM's (realigned) top-k
+        assert records[1]["bytes_down"] > records[0]["bytes_down"]
+    else:  # the server moved it onto each client's rows and taught the adapters itself
+        assert records[1]["bytes_down"] == records[0]["bytes_down"] and records[1]["timing"]["server_slm_kd_s"] > 0
     refs = {"llm": wb.llm_init} | {c: wb.held(c).init for c in ("client_0", "client_1", "client_2")}
     states = run.load_round("fedmkt", 2, refs)
     assert not states_equal(states["llm"], wb.llm_init)

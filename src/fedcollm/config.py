@@ -199,6 +199,8 @@ class DataConfig:
     """Share of the train pool held by the server as auxiliary data D^a (0.2 = equal 5-way split with 4 clients); unused when aux_tasks is set."""
     aux_tasks: list[str] = field(default_factory=list)
     """Tasks whose train splits (each cut to train_per_task) are D^a, apart from the clients' data, which is then the whole of the tasks' pools; empty = D^a is cut from that pool by aux_fraction. A Flower server needs it set: it then holds D^a without any client's rows."""
+    public_pool: int = 0
+    """Unlabelled public pool held by the server: per task of data.tasks, up to this many train rows past train_per_task (rows no client, D^a or validation holdout holds), answers removed; distilled by soft targets only (distill.pool_epochs). 0 = none. In-process only: the server reads the tasks' train files."""
     eval_limit: int | None = None
     """Evaluate on the first N items of each task's eval split; None = all. Printed beside every figure."""
     scored: str = "eval"
@@ -214,6 +216,9 @@ class DataConfig:
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
         _check(0.0 < self.aux_fraction < 1.0, "data.aux_fraction", "must be in (0, 1)")
         _check(self.train_per_task is None or self.train_per_task > 0, "data.train_per_task", "must be > 0 (or none)")
+        _check(self.public_pool >= 0, "data.public_pool", "must be >= 0")
+        _check(not self.public_pool or self.train_per_task, "data.public_pool",
+               "needs data.train_per_task: the pool is the train rows past it")
         _check(self.eval_limit is None or self.eval_limit > 0, "data.eval_limit", "must be > 0 (or none for all)")
         _check(self.scored in ("eval", "validation"), "data.scored", "eval or validation")
 
@@ -296,9 +301,27 @@ class DistillConfig:
     """Learning rate of the SLM adapter during server distillation."""
     batch_size: int = 8
     """Auxiliary examples per distillation step."""
+    slm_kd_weight: float | None = None
+    """lambda_g, the KL weight in the SLM's loss L^g; none = kd_weight (which then weighs both)."""
+    slm_temperature: float | None = None
+    """Temperature of the distributions the SLM learns from; none = temperature."""
+    teacher_mode: str = "eval"
+    """How each model is the other's target: eval (a no-gradient forward in eval mode, without LoRA dropout) or train (its training forward's logits, detached: one forward fewer, but the target carries dropout noise)."""
+    schedule: str = "joint"
+    """joint: each step updates both models against each other (Eq. 5-6); sequential (FATE-LLM's code): the SLM distils from the fixed LLM for the round's steps, then the LLM from the updated SLM."""
+    target: str = "tokens"
+    """What is distilled: tokens (next-token distributions on the gold answer's tokens) or choices (multiple-choice tasks: each model's distribution over an item's choices, the softmax of its per-choice log-likelihoods at the temperature, computed once a round; CE on the gold choice stays). Choices need no shared tokenizer."""
+    pool_epochs: float = 0.0
+    """Epochs a round over the unlabelled public pool (data.public_pool), after D^a: the SLM learns the LLM's distribution over each question's choices (soft targets only: the pool has no labels)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, "distill.epochs", "must be >= 0")
+        _check(self.slm_kd_weight is None or self.slm_kd_weight >= 0, "distill.slm_kd_weight", "must be >= 0")
+        _check(self.slm_temperature is None or self.slm_temperature > 0, "distill.slm_temperature", "must be > 0")
+        _check(self.teacher_mode in ("eval", "train"), "distill.teacher_mode", "eval or train")
+        _check(self.schedule in ("joint", "sequential"), "distill.schedule", "joint or sequential")
+        _check(self.target in ("tokens", "choices"), "distill.target", "tokens or choices")
+        _check(self.pool_epochs >= 0, "distill.pool_epochs", "must be >= 0")
         _check(self.kd_weight >= 0, "distill.kd_weight", "must be >= 0")
         _check(self.temperature > 0, "distill.temperature", "must be > 0")
         _check(self.kl_direction in ("forward", "reverse"), "distill.kl_direction", "forward or reverse")
@@ -307,9 +330,18 @@ class DistillConfig:
         _check(self.slm_lr > 0, "distill.slm_lr", "must be > 0")
         _check(self.batch_size >= 1, "distill.batch_size", "must be >= 1")
 
-    def steps(self, aux_examples: int) -> int:
-        """Optimizer steps of one round's distillation over `aux_examples` examples."""
-        return math.ceil(self.epochs * aux_examples / self.batch_size - 1e-9)
+    def steps(self, aux_examples: int, epochs: float | None = None) -> int:
+        """Optimizer steps of one round's distillation over `aux_examples` examples (for `epochs`, default
+        distill.epochs)."""
+        return math.ceil((self.epochs if epochs is None else epochs) * aux_examples / self.batch_size - 1e-9)
+
+    @property
+    def slm_weight(self) -> float:
+        return self.kd_weight if self.slm_kd_weight is None else self.slm_kd_weight
+
+    @property
+    def slm_temp(self) -> float:
+        return self.temperature if self.slm_temperature is None else self.slm_temperature
 
 
 @dataclass
@@ -328,7 +360,17 @@ class FedMKTConfig:
     llm_epochs: int = 1
     """Epochs over D^a the server distils the LLM from the clients' logits each round."""
     slm_epochs: int = 1
-    """Epochs over D^a each client distils its SLM from the LLM's logits, at the start of every round after the first."""
+    """Epochs over D^a each SLM distils from the LLM's logits a round (when: fedmkt.slm_when)."""
+    slm_when: str = "after_llm"
+    """When the SLMs distil from the LLM: after_llm (FATE-LLM's round order: in the same round, after the LLM's update, so the last round's LLM reaches the scored SLMs; the server runs it for each client on D^a, which is public, from the adapter it holds for the client) or next_round (the client, at the start of the next round, before its fine-tuning; the last round's LLM never reaches the SLMs)."""
+    target: str = "tokens"
+    """What the SLMs learn from the LLM: tokens (its top-k next-token logits on the gold answers, selected per example) or choices (its distribution over each D^a item's choices, CE on the gold choice beside; needs slm_when = after_llm). The LLM always learns from the clients' top-k."""
+    pool_epochs: float = 0.0
+    """Epochs a round each SLM learns the LLM's distribution over the choices of the unlabelled pool (data.public_pool), soft targets only, after D^a; needs slm_when = after_llm."""
+    slm_kd_weight: float | None = None
+    """w on the SLM side; none = kd_weight (which then applies to both sides)."""
+    slm_temperature: float | None = None
+    """Temperature of the LLM's logits as the SLMs receive them; none = temperature."""
     llm_lr: float = 3e-5
     """Learning rate of the LLM adapter during distillation (the paper: 3e-5)."""
     slm_lr: float = 3e-4
@@ -338,6 +380,14 @@ class FedMKTConfig:
     share_adapters: bool = False
     """FedAvg the clients' SLM adapters each round (only where every client runs the same SLM); off = each client keeps its own."""
 
+    @property
+    def slm_weight(self) -> float:
+        return self.kd_weight if self.slm_kd_weight is None else self.slm_kd_weight
+
+    @property
+    def slm_temp(self) -> float:
+        return self.temperature if self.slm_temperature is None else self.slm_temperature
+
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, "fedmkt.top_k", "must be >= 1")
         _check(self.selection in ("dual_min_ce", "greater", "weighted_mean"), "fedmkt.selection",
@@ -346,6 +396,15 @@ class FedMKTConfig:
         _check(self.temperature > 0, "fedmkt.temperature", "must be > 0")
         _check(self.llm_epochs >= 1, "fedmkt.llm_epochs", "must be >= 1")
         _check(self.slm_epochs >= 0, "fedmkt.slm_epochs", "must be >= 0")
+        _check(self.slm_when in ("after_llm", "next_round"), "fedmkt.slm_when", "after_llm or next_round")
+        _check(self.target in ("tokens", "choices"), "fedmkt.target", "tokens or choices")
+        _check(self.pool_epochs >= 0, "fedmkt.pool_epochs", "must be >= 0")
+        for name, value in (("target", self.target != "tokens"), ("pool_epochs", self.pool_epochs > 0)):
+            _check(not value or self.slm_when == "after_llm", f"fedmkt.{name}",
+                   "needs fedmkt.slm_when = after_llm (the server teaches the SLMs)")
+        _check(self.slm_kd_weight is None or 0.0 <= self.slm_kd_weight <= 1.0, "fedmkt.slm_kd_weight",
+               "must be in [0, 1]")
+        _check(self.slm_temperature is None or self.slm_temperature > 0, "fedmkt.slm_temperature", "must be > 0")
         _check(self.llm_lr > 0, "fedmkt.llm_lr", "must be > 0")
         _check(self.slm_lr > 0, "fedmkt.slm_lr", "must be > 0")
         _check(self.batch_size >= 1, "fedmkt.batch_size", "must be >= 1")
@@ -543,6 +602,9 @@ class Config:
                    f"clients = {fed.clients}, fraction_fit = {fed.fraction_fit}): each sampled client holds one share, "
                    f"so at most {math.floor(sampled)} (SecAgg+ needs at least 3 clients a round)")
             self._check_secagg_ranges(sampled)
+        for section in ("distill", "fedmkt"):
+            _check(not getattr(self, section).pool_epochs or self.data.public_pool, f"{section}.pool_epochs",
+                   "needs an unlabelled pool: set data.public_pool")
         for name in self.data.aux_tasks:
             _check(known[name].train_split is not None, "data.aux_tasks", f"task {name!r} has no train split to be D^a")
         for name in self.data.tasks:

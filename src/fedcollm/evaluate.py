@@ -68,6 +68,30 @@ def _packed_group(group: list[tuple[int, list[int], list[list[int]]]], pad: int,
     return ids, pos, mask, needed, predictions
 
 
+def choice_requests(tokenizer, examples: list[MCExample], max_length: int) -> list[tuple[list[int], list[list[int]]]]:
+    """Each item's context tokens and per-choice continuation tokens, as `packed_choice_logprobs` takes them."""
+    return [_requests(tokenizer, ex, max_length) for ex in examples]
+
+
+def packed_choice_logprobs(model, requests: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[torch.Tensor]:
+    """Summed continuation log-probs of each item's choices (one tensor per item), in one forward of the packed
+    rows (see `_packed_group`). Differentiable: choice-level distillation trains through it."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    ids, pos, mask, needed, predictions = _packed_group([(i, *r) for i, r in enumerate(requests)], pad_id, dtype)
+    logits = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
+                   logits_to_keep=needed.to(device)).logits.float()
+    norm = logits.logsumexp(-1)  # log-softmax of just the predicted tokens, not of the whole vocabulary
+    out = []
+    for choices in predictions:
+        sums = []
+        for choice in choices:
+            rows, tokens = (torch.tensor(x, device=device) for x in zip(*choice))
+            sums.append((logits[rows, tokens] - norm[rows]).sum())
+        out.append(torch.stack(sums))
+    return out
+
+
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, examples: list[MCExample], max_length: int, batch_size: int = 32,
                     desc: str = "eval") -> list[list[float]]:
@@ -79,24 +103,15 @@ def choice_logprobs(model, tokenizer, examples: list[MCExample], max_length: int
     exceeds max_length, the context is cut from the left to fit the longest choice, so every choice sees the same
     context.
     """
-    items = sorted(((i, *_requests(tokenizer, ex, max_length)) for i, ex in enumerate(examples)),
-                   key=lambda it: -(len(it[1]) + sum(map(len, it[2]))))
-    scores = [[0.0] * len(ex.choices) for ex in examples]
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    requests = choice_requests(tokenizer, examples, max_length)
+    order = sorted(range(len(examples)), key=lambda i: -(len(requests[i][0]) + sum(map(len, requests[i][1]))))
+    scores: list[list[float]] = [[] for _ in examples]
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False):
-        group = items[start:start + batch_size]
-        ids, pos, mask, needed, predictions = _packed_group(group, tokenizer.pad_token_id, dtype)
-        logits = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
-                       logits_to_keep=needed.to(device)).logits
-        logits = logits.float()
-        norm = logits.logsumexp(-1)  # log-softmax of just the predicted tokens, not of the whole vocabulary
-        for (i, _, _), choices in zip(group, predictions):
-            for c, choice in enumerate(choices):
-                rows, tokens = (list(x) for x in zip(*choice))
-                scores[i][c] = float((logits[rows, tokens] - norm[rows]).sum())
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        group = order[start:start + batch_size]
+        for i, sums in zip(group, packed_choice_logprobs(model, [requests[i] for i in group], tokenizer.pad_token_id)):
+            scores[i] = sums.tolist()
     model.train(was_training)
     return scores
 

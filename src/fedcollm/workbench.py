@@ -19,6 +19,7 @@ from fedcollm.data.partition import (
     load_train_pool,
     partition,
     public_set,
+    unlabelled_pool,
 )
 from fedcollm.data.tasks import MCExample, load_scored_split
 from fedcollm.errors import ConfigError, ModelError
@@ -41,6 +42,8 @@ def load_data(cfg: Config, clients: bool = True) -> tuple[FederatedSplit, dict[s
         split = FederatedSplit(aux=[], clients=[])
     if cfg.data.aux_tasks:
         split = replace(split, aux=public_set(cfg.task_specs(cfg.data.aux_tasks), cfg.data, seed))
+    if cfg.data.public_pool:
+        split = replace(split, pool=unlabelled_pool(cfg.task_specs(cfg.data.tasks), cfg.data, seed))
     log.info("%s", split.describe())
     eval_sets = {t: load_scored_split(t, spec, cfg.data) for t, spec in specs.items()}
     return split, eval_sets
@@ -57,6 +60,9 @@ def _check_server_only(cfg: Config) -> None:
     if pooled:
         raise ConfigError(f"run.methods: {', '.join(pooled)} trains on every client's shard on the server, which "
                           f"a Flower server does not hold; run it with the in-process engine")
+    if cfg.data.public_pool:
+        raise ConfigError("data.public_pool: the pool is cut from the train files of data.tasks, the clients' data; "
+                          "run it with the in-process engine")
     if cfg.data.scored == "validation":
         for name, spec in cfg.task_specs(cfg.data.tasks).items():
             if not spec.validation_split:

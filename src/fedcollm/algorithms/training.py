@@ -21,7 +21,15 @@ from fedcollm.alignment.exchange import TopK, topk_of
 from fedcollm.alignment.sequence import fedmkt_loss, soft_target_ce
 from fedcollm.alignment.transfer import Target, collate_targets
 from fedcollm.data.batching import AnswerBatch, SFTData, answer_logits, collate
-from fedcollm.distill.losses import answer_ce, mutual_losses
+from fedcollm.data.tasks import MCExample
+from fedcollm.distill.losses import (
+    answer_ce,
+    choice_distill_loss,
+    mutual_losses,
+    one_way_loss,
+    pad_choices,
+)
+from fedcollm.evaluate import choice_requests, packed_choice_logprobs
 from fedcollm.models.lora import AdapterState, adapter_state, load_adapter_state
 
 
@@ -101,12 +109,33 @@ class DistillLog(StepLog):
     step_seconds: list[float] = field(default_factory=list)
 
 
+@contextmanager
+def _evaluating(*models):
+    """Models in eval mode (LoRA dropout off) without gradients, each back to its mode after: teacher outputs."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
 def mutual_distill_step(llm, slm, batch: AnswerBatch, opt_f, opt_g, kd_weight: float, temperature: float,
-                        direction: str, top_k: int) -> dict[str, float]:
-    """One step of Eq. 5-6: each model's logits computed once and used for its CE and both KL directions."""
+                        direction: str, top_k: int, *, teacher_eval: bool = False, slm_kd_weight: float | None = None,
+                        slm_temperature: float | None = None) -> dict[str, float]:
+    """One step of Eq. 5-6. Each model's training logits serve its CE; with `teacher_eval` each is the other's
+    target through a separate eval-mode forward (no LoRA dropout), else through its training logits, detached."""
+    teachers = {}
+    if teacher_eval:
+        with _evaluating(llm, slm):
+            teachers = {"llm_teacher": answer_logits(llm, batch), "slm_teacher": answer_logits(slm, batch)}
     llm_logits, slm_logits = answer_logits(llm, batch), answer_logits(slm, batch)
     loss_f, loss_g, stats = mutual_losses(llm_logits, slm_logits, batch.targets, batch.target_mask, kd_weight,
-                                          temperature, direction, top_k)
+                                          temperature, direction, top_k, slm_kd_weight=slm_kd_weight,
+                                          slm_temperature=slm_temperature, **teachers)
     opt_f.zero_grad(set_to_none=True)
     opt_g.zero_grad(set_to_none=True)
     (loss_f + loss_g).backward()  # targets are detached: L^f reaches only omega, L^g only theta
@@ -116,7 +145,8 @@ def mutual_distill_step(llm, slm, batch: AnswerBatch, opt_f, opt_g, kd_weight: f
 
 
 def mutual_distill(llm, slm, aux: SFTData, steps: int, kd_weight: float, temperature: float, direction: str,
-                   top_k: int, llm_lr: float, slm_lr: float, batch_size: int, seed: int) -> DistillLog:
+                   top_k: int, llm_lr: float, slm_lr: float, batch_size: int, seed: int, *, teacher_eval: bool = False,
+                   slm_kd_weight: float | None = None, slm_temperature: float | None = None) -> DistillLog:
     """Server side of a round: `steps` steps of mutual knowledge distillation on D^a, updating omega and theta."""
     torch.manual_seed(seed)
     device = next(llm.parameters()).device
@@ -126,16 +156,35 @@ def mutual_distill(llm, slm, aux: SFTData, steps: int, kd_weight: float, tempera
     log = DistillLog()
     t0 = time.perf_counter()
     batches = cycle_batches(aux, batch_size, seed)
+    weight_g = kd_weight if slm_kd_weight is None else slm_kd_weight
     for _ in tqdm(range(steps), desc="server mutual KD", leave=False):
         batch = next(batches).to(device)
         ts = time.perf_counter()
-        stats = mutual_distill_step(llm, slm, batch, opt_f, opt_g, kd_weight, temperature, direction, top_k)
+        stats = mutual_distill_step(llm, slm, batch, opt_f, opt_g, kd_weight, temperature, direction, top_k,
+                                    teacher_eval=teacher_eval, slm_kd_weight=slm_kd_weight,
+                                    slm_temperature=slm_temperature)
         log.step_seconds.append(time.perf_counter() - ts)
         log.stats.append(stats)
-        log.losses.append(stats["ce_f"] + stats["ce_g"] + kd_weight * (stats["kl_f"] + stats["kl_g"]))
+        log.losses.append(stats["ce_f"] + stats["ce_g"] + kd_weight * stats["kl_f"] + weight_g * stats["kl_g"])
     llm.eval()
     slm.eval()
     log.seconds = time.perf_counter() - t0
+    return log
+
+
+def one_way_distill(student, teacher, aux: SFTData, steps: int, kd_weight: float, temperature: float,
+                    direction: str, top_k: int, lr: float, batch_size: int, seed: int, desc: str) -> StepLog:
+    """`steps` steps of CE + lambda * KL of `student` towards the fixed `teacher` (scored in eval mode, no
+    gradient) on D^a: one half of FATE-LLM's sequential FedCoLLM schedule."""
+    with _training(student, lr, seed) as (opt, device, log):
+        batches = cycle_batches(aux, batch_size, seed)
+        for _ in tqdm(range(steps), desc=desc, leave=False):
+            batch = next(batches).to(device)
+            with _evaluating(teacher):
+                target = answer_logits(teacher, batch)
+            loss, _ = one_way_loss(answer_logits(student, batch), target, batch.targets, batch.target_mask,
+                                   kd_weight, temperature, direction, top_k)
+            _step(opt, loss, log)
     return log
 
 
@@ -177,6 +226,30 @@ def distill_steps(model, data: SFTData, targets: list[Target], epochs: float, lr
                 _step(opt, fedmkt_loss(answer_ce(logits, batch.targets, batch.target_mask),
                                        soft_target_ce(logits, t_ids, t_probs, t_mask), kd_weight), log)
                 bar.update()
+    return log
+
+
+def choice_distill_steps(model, tokenizer, examples: list[MCExample], teacher_scores: list[list[float]], steps: int,
+                         lr: float, batch_size: int, kd_weight: float, temperature: float, seed: int, max_length: int,
+                         desc: str = "choice distill") -> StepLog:
+    """`steps` AdamW steps of choice-level distillation (`choice_distill_loss`) towards `teacher_scores` (the
+    teacher's per-choice log-likelihoods of each example, computed once by `choice_logprobs`); examples with
+    answer < 0 are unlabelled. Each step scores every choice of a batch of items in one packed forward."""
+    requests = choice_requests(tokenizer, examples, max_length)
+    gold = [len(conts[ex.answer]) if ex.answer >= 0 else 0 for ex, (_, conts) in zip(examples, requests)]
+    teacher = [torch.tensor(t) for t in teacher_scores]
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    with _training(model, lr, seed) as (opt, device, log):
+        for _ in tqdm(range(steps), desc=desc, leave=False):
+            while len(order) < batch_size:
+                order += torch.randperm(len(examples), generator=gen).tolist()
+            idx, order = order[:batch_size], order[batch_size:]
+            scores = packed_choice_logprobs(model, [requests[i] for i in idx], tokenizer.pad_token_id)
+            loss, _ = choice_distill_loss(scores, pad_choices([teacher[i] for i in idx]).to(device),
+                                          [examples[i].answer for i in idx], [gold[i] for i in idx], kd_weight,
+                                          temperature)
+            _step(opt, loss, log)
     return log
 
 

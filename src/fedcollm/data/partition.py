@@ -4,7 +4,7 @@ data.aux_tasks, take D^a from tasks of its own and share every trained task's po
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -17,23 +17,44 @@ from fedcollm.errors import ConfigError
 class FederatedSplit:
     aux: list[MCExample]
     clients: list[list[MCExample]]
+    pool: list[MCExample] = field(default_factory=list)  # the server's unlabelled questions (unlabelled_pool)
 
     def describe(self) -> str:
         if not self.clients:
             return f"D^a: {len(self.aux)} examples; client shards: on the clients"
         sizes = ", ".join(str(len(c)) for c in self.clients)
-        return f"D^a: {len(self.aux)} examples; client shards: [{sizes}]"
+        pool = f"; unlabelled pool: {len(self.pool)} questions" if self.pool else ""
+        return f"D^a: {len(self.aux)} examples; client shards: [{sizes}]{pool}"
+
+
+def _shuffled_train(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int,
+                    tasks: list[str] | None) -> dict[str, list[MCExample]]:
+    """Each named task's (default: data.tasks) trainable rows, shuffled by one seeded generator, task by task."""
+    rng = random.Random(seed)
+    shuffled = {}
+    for task in cfg.tasks if tasks is None else tasks:
+        shuffled[task] = load_train_split(task, specs[task], cfg.data_dir)
+        rng.shuffle(shuffled[task])
+    return shuffled
 
 
 def load_train_pool(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int,
                     tasks: list[str] | None = None) -> dict[str, list[MCExample]]:
     """Each named task's (default: data.tasks) train split, shuffled (seeded) and cut to data.train_per_task."""
-    rng = random.Random(seed)
-    pool = {}
-    for task in cfg.tasks if tasks is None else tasks:
-        examples = load_train_split(task, specs[task], cfg.data_dir)
-        rng.shuffle(examples)
-        pool[task] = examples[:cfg.train_per_task] if cfg.train_per_task else examples
+    return {task: examples[:cfg.train_per_task] if cfg.train_per_task else examples
+            for task, examples in _shuffled_train(specs, cfg, seed, tasks).items()}
+
+
+def unlabelled_pool(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int) -> list[MCExample]:
+    """The server's unlabelled public pool: per task of data.tasks, up to data.public_pool of the train rows past
+    data.train_per_task (rows no client shard, D^a or validation holdout holds), with their answers removed
+    (answer = -1). Distillation uses them through soft targets only."""
+    pool = [replace(ex, answer=-1) for examples in _shuffled_train(specs, cfg, seed, None).values()
+            for ex in examples[cfg.train_per_task:cfg.train_per_task + cfg.public_pool]]
+    if not pool:
+        raise ConfigError(f"data.public_pool: the tasks hold no train rows past data.train_per_task = "
+                          f"{cfg.train_per_task}, so the unlabelled pool would be empty")
+    random.Random(seed + 4).shuffle(pool)
     return pool
 
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from fedcollm.algorithms.training import (
+    choice_distill_steps,
     distill_steps,
     mutual_distill,
+    one_way_distill,
     public_topk,
     unit_seed,
 )
 from fedcollm.alignment.sequence import aligned_fraction
 from fedcollm.alignment.transfer import moved, row_targets
 from fedcollm.errors import ModelError
+from fedcollm.evaluate import choice_logprobs
 from fedcollm.methods.base import (
     Budget,
     Method,
@@ -92,46 +96,115 @@ class FedCoLLM(FedAvg):
                              f"tokenizer but not an output size")
 
     def server_update(self, states: States, r: int) -> tuple[States, dict, dict]:
+        """Distillation on D^a (distill.target, distill.schedule), then on the unlabelled pool if there is one."""
         wb, d = self.wb, self.wb.cfg.distill
         steps = d.steps(len(wb.aux_data))
-        if not steps:
+        pool_steps = d.steps(len(wb.split.pool), d.pool_epochs) if wb.split.pool else 0
+        if not steps and not pool_steps:
             return states, {}, {}
         load_adapter_state(wb.llm, states["llm"])
         load_adapter_state(wb.slm, states["slm"])
-        if self.aligned:
-            return self.aligned_server_update(states, r)
+        record, timing = {"budget": Budget()}, {"server_kd_s": 0.0}
+        if steps:
+            update = (self.choice_server_update if d.target == "choices" else self.aligned_server_update
+                      if self.aligned else self.token_server_update)
+            record, timing = update(r, steps)
+        if pool_steps:
+            record, timing = self.pool_update(r, pool_steps, record, timing)
+        return states | {"llm": adapter_state(wb.llm), "slm": adapter_state(wb.slm)}, record, timing
+
+    def token_server_update(self, r: int, steps: int) -> tuple[dict, dict]:
+        """Eq. 5-6 on the answer tokens of D^a, one vocabulary: joint steps, or FATE-LLM's sequential halves."""
+        wb, d = self.wb, self.wb.cfg.distill
+        seed = unit_seed(wb.cfg.run.seed, r, -1)
+        budget = Budget(llm_steps=steps, slm_steps=steps, llm_examples=steps * d.batch_size,
+                        slm_examples=steps * d.batch_size)
+        if d.schedule == "sequential":
+            g = one_way_distill(wb.slm, wb.llm, wb.aux_data, steps, d.slm_weight, d.slm_temp, d.kl_direction,
+                                d.top_k, d.slm_lr, d.batch_size, seed, f"FedCoLLM SLM from LLM r{r}")
+            f = one_way_distill(wb.llm, wb.slm, wb.aux_data, steps, d.kd_weight, d.temperature, d.kl_direction,
+                                d.top_k, d.llm_lr, d.batch_size, seed, f"FedCoLLM LLM from SLM r{r}")
+            return ({"kd_first": {"f": f.losses[0], "g": g.losses[0]}, "kd_last": {"f": f.losses[-1], "g": g.losses[-1]},
+                     "budget": budget}, {"server_kd_s": f.seconds + g.seconds})
         kd = mutual_distill(wb.llm, wb.slm, wb.aux_data, steps, d.kd_weight, d.temperature, d.kl_direction,
-                            d.top_k, d.llm_lr, d.slm_lr, d.batch_size, unit_seed(wb.cfg.run.seed, r, -1))
+                            d.top_k, d.llm_lr, d.slm_lr, d.batch_size, seed, teacher_eval=d.teacher_mode == "eval",
+                            slm_kd_weight=d.slm_kd_weight, slm_temperature=d.slm_temperature)
         warm = kd.step_seconds[1:] or kd.step_seconds  # the first step pays one-off allocation costs
-        return (states | {"llm": adapter_state(wb.llm), "slm": adapter_state(wb.slm)},
-                {"kd_first": kd.stats[0], "kd_last": kd.stats[-1],
-                 "budget": Budget(llm_steps=steps, slm_steps=steps, llm_examples=steps * d.batch_size,
-                                  slm_examples=steps * d.batch_size)},
+        return ({"kd_first": kd.stats[0], "kd_last": kd.stats[-1], "budget": budget},
                 {"server_kd_s": kd.seconds, "kd_step_s": sum(warm) / len(warm)})
 
-    def aligned_server_update(self, states: States, r: int) -> tuple[States, dict, dict]:
+    def choice_server_update(self, r: int, steps: int) -> tuple[dict, dict]:
+        """Choice-level mutual distillation on D^a: each model learns CE on the gold choice plus lambda * KL towards
+        the other's distribution over the item's choices. Each model's per-choice log-likelihoods are computed
+        once (eval mode) at the start of the server phase, the sequential schedule recomputing the SLM's after its
+        update; scores need no shared tokenizer, so heterogeneous pairs distil the same way."""
+        wb, d = self.wb, self.wb.cfg.distill
+        slm, seed, aux, t0 = wb.held("slm"), unit_seed(wb.cfg.run.seed, r, -1), wb.split.aux, time.perf_counter()
+        llm_scores = self._choice_scores(wb.held("llm"), aux, f"r{r} LLM")
+        slm_scores = self._choice_scores(slm, aux, f"r{r} SLM")
+        score_s = time.perf_counter() - t0
+        g = choice_distill_steps(slm.model, slm.tokenizer, aux, llm_scores, steps, d.slm_lr, d.batch_size,
+                                 d.slm_weight, d.slm_temp, seed, wb.cfg.model.max_length, f"FedCoLLM SLM choices r{r}")
+        if d.schedule == "sequential":
+            t1 = time.perf_counter()
+            slm_scores = self._choice_scores(slm, aux, f"r{r} SLM after")
+            score_s += time.perf_counter() - t1
+        f = choice_distill_steps(wb.llm, wb.tokenizer, aux, slm_scores, steps, d.llm_lr, d.batch_size, d.kd_weight,
+                                 d.temperature, seed, wb.cfg.model.max_length, f"FedCoLLM LLM choices r{r}")
+        budget = Budget(llm_steps=steps, slm_steps=steps, llm_examples=steps * d.batch_size,
+                        slm_examples=steps * d.batch_size)
+        return ({"kd_first": {"f": f.losses[0], "g": g.losses[0]}, "kd_last": {"f": f.losses[-1], "g": g.losses[-1]},
+                 "budget": budget}, {"server_kd_s": f.seconds + g.seconds, "server_scores_s": score_s})
+
+    def pool_update(self, r: int, steps: int, record: dict, timing: dict) -> tuple[dict, dict]:
+        """The SLM learns the LLM's (after this round's update) distribution over the choices of the unlabelled
+        pool's questions, soft targets only, for distill.pool_epochs."""
+        wb, d = self.wb, self.wb.cfg.distill
+        slm, pool, t0 = wb.held("slm"), wb.split.pool, time.perf_counter()
+        scores = self._choice_scores(wb.held("llm"), pool, f"r{r} LLM pool")
+        score_s = time.perf_counter() - t0
+        g = choice_distill_steps(slm.model, slm.tokenizer, pool, scores, steps, d.slm_lr, d.batch_size, d.slm_weight,
+                                 d.slm_temp, unit_seed(wb.cfg.run.seed, r, -2), wb.cfg.model.max_length,
+                                 f"FedCoLLM SLM pool r{r}")
+        budget = record["budget"] + Budget(slm_steps=steps, slm_examples=steps * d.batch_size)
+        return (record | {"pool_kd_first": g.losses[0], "pool_kd_last": g.losses[-1], "budget": budget},
+                timing | {"server_kd_s": timing["server_kd_s"] + g.seconds,
+                          "server_scores_s": timing.get("server_scores_s", 0.0) + score_s})
+
+    def _choice_scores(self, held, examples, label: str) -> list[list[float]]:
+        cfg = self.wb.cfg
+        return choice_logprobs(held.model, held.tokenizer, examples, cfg.model.max_length, cfg.run.eval_batch_size,
+                               f"FedCoLLM choices {label}")
+
+    def aligned_server_update(self, r: int, steps: int) -> tuple[dict, dict]:
         """Mutual distillation across two vocabularies. Each model's top-k on D^a, taken once at the start of the
         server phase (detached, as in Eq. 5-6), is moved onto the other's tokenization and vocabulary by FedMKT's
         alignment; then each model trains distill.epochs on D^a towards it. Loss CE + lambda * soft-target CE,
         written as (1 - w) CE + w soft CE with w = lambda / (1 + lambda): the same direction, and AdamW steps do
         not depend on the loss scale. Top-k width: distill.top_k, or 16 when that is 0 (a full distribution
         cannot be moved across vocabularies). Unlike the one-vocabulary path, the targets do not follow the other
-        model step by step: alignment works on whole examples, computed once a round."""
+        model step by step: alignment works on whole examples, computed once a round (sequential schedule: the
+        SLM's again after its update, before the LLM learns from it)."""
         wb, d = self.wb, self.wb.cfg.distill
-        slm, k, w = wb.held("slm"), d.top_k or 16, d.kd_weight / (1.0 + d.kd_weight)
+        slm, k = wb.held("slm"), d.top_k or 16
+        w_f, w_g = d.kd_weight / (1.0 + d.kd_weight), d.slm_weight / (1.0 + d.slm_weight)
         seed = unit_seed(wb.cfg.run.seed, r, -1)
+
+        def slm_to_llm():
+            slm_top = public_topk(slm.model, slm.public, k, len(slm.tokenizer), d.batch_size)
+            return moved((slm_top, slm.public, slm.tokenizer), wb.aux_data, wb.tokenizer)
+
         llm_top = public_topk(wb.llm, wb.aux_data, k, len(wb.tokenizer), d.batch_size)
-        slm_top = public_topk(slm.model, slm.public, k, len(slm.tokenizer), d.batch_size)
-        to_llm = moved((slm_top, slm.public, slm.tokenizer), wb.aux_data, wb.tokenizer)
         to_slm = moved((llm_top, wb.aux_data, wb.tokenizer), slm.public, slm.tokenizer)
+        to_llm = slm_to_llm() if d.schedule == "joint" else None
+        g_log = distill_steps(slm.model, slm.public, row_targets(to_slm, slm.public.encoded, d.slm_temp),
+                              d.epochs, d.slm_lr, d.batch_size, w_g, seed, f"FedCoLLM aligned KD SLM r{r}")
+        to_llm = to_llm or slm_to_llm()  # sequential: the LLM learns from the SLM after its update
         f_log = distill_steps(wb.llm, wb.aux_data, row_targets(to_llm, wb.aux_data.encoded, d.temperature),
-                              d.epochs, d.llm_lr, d.batch_size, w, seed, f"FedCoLLM aligned KD LLM r{r}")
-        g_log = distill_steps(slm.model, slm.public, row_targets(to_slm, slm.public.encoded, d.temperature),
-                              d.epochs, d.slm_lr, d.batch_size, w, seed, f"FedCoLLM aligned KD SLM r{r}")
+                              d.epochs, d.llm_lr, d.batch_size, w_f, seed, f"FedCoLLM aligned KD LLM r{r}")
         budget = Budget(llm_steps=len(f_log.losses), slm_steps=len(g_log.losses),
                         llm_examples=round(d.epochs * len(wb.aux_data)), slm_examples=round(d.epochs * len(slm.public)))
-        return (states | {"llm": adapter_state(wb.llm), "slm": adapter_state(slm.model)},
-                {"kd_first": {"f": f_log.losses[0], "g": g_log.losses[0]},
+        return ({"kd_first": {"f": f_log.losses[0], "g": g_log.losses[0]},
                  "kd_last": {"f": f_log.losses[-1], "g": g_log.losses[-1]},
                  "aligned_fraction": {"llm": aligned_fraction(to_llm.aligned), "slm": aligned_fraction(to_slm.aligned)},
                  "budget": budget},

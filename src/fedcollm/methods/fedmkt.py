@@ -4,18 +4,21 @@ SLMs through top-k logits on the public set D^a, across tokenizers, in FATE-LLM'
 Each client may run its own model family and tokenizer (model.client_slms). The server holds every tokenizer, so
 it does all the aligning, both ways; a client needs only its own model and tokenizer.
 
-A round. Each client (`client_fit`, from its own adapter): (a) from the second round on, distils its SLM
-towards the LLM's top-k of the previous round, which the server has already moved onto the client's answer rows
-and into its vocabulary (`realign`), selected per example; (b) fine-tunes on its private shard; (c) uploads its
-top-k logits and per-example CE on D^a. The server aligns each client's top-k into the LLM's vocabulary, selects
-per example by CE (the LLM's own start-of-round distribution is a candidate; every candidate's CE is the server's
-`topk_ce` of its logits, the CE a client reports is never trusted), distils the LLM, and computes the LLM's top-k
-that the next round's tasks carry. The SLMs are scored after (b) of the last round, each with its own
-tokenizer: the LLM's last top-k is never sent.
+A round, in FATE-LLM's order (fedmkt.slm_when = after_llm). Each client (`client_fit`, from its adapter):
+fine-tunes on its private shard and uploads its top-k logits and per-example CE on D^a. The server aligns each
+client's top-k into the LLM's vocabulary, selects per example by CE (the LLM's own start-of-round distribution is
+a candidate; every candidate's CE is the server's `topk_ce` of its logits, the CE a client reports is never
+trusted) and distils the LLM. Then each SLM distils from the LLM just updated (`teach_slms`): the server runs it
+for the client from the adapter it holds for it, on D^a (public) only, towards the LLM's top-k moved onto the
+client's rows and vocabulary (fedmkt.target = tokens, selected per example against the client's upload) or its
+distribution over each item's choices (target = choices), then on the unlabelled pool if there is one. So the
+last round's LLM reaches the scored SLMs. With slm_when = next_round (the order before issue 27), the client
+distils at the start of the next round from the LLM's top-k carried in its task, before its fine-tuning, and the
+last round's LLM never reaches the SLMs.
 
-What crosses the network, all of it in the byte figures: down, the client's SLM adapter and (after round 1) the
-LLM's top-k on D^a in the client's rows and vocabulary (plus an `aligned` flag per row when the tokenizers
-differ); up, the adapter and the client's top-k and CEs. The adapter travels because a client here is
+What crosses the network, all of it in the byte figures: down, the client's SLM adapter and, with next_round,
+(after round 1) the LLM's top-k on D^a in the client's rows and vocabulary (plus an `aligned` flag per row when the
+tokenizers differ); up, the adapter and the client's top-k and CEs. The adapter travels because a client here is
 stateless (on Flower a client process may be new each round): the server holds each client's adapter for it and
 scores it, as for Standalone (with fedmkt.share_adapters, their FedAvg instead). The LLM's adapter stays on the
 server. The logits describe D^a, which is public, but they are a function of the client's private fine-tuning.
@@ -24,6 +27,7 @@ server. The logits describe D^a, which is public, but they are a function of the
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 
@@ -31,6 +35,7 @@ import torch
 
 from fedcollm.algorithms.training import (
     StepLog,
+    choice_distill_steps,
     client_update,
     distill_steps,
     public_topk,
@@ -43,6 +48,7 @@ from fedcollm.comm import Payload
 from fedcollm.config import FedMKTConfig
 from fedcollm.data.batching import SFTData
 from fedcollm.errors import InvalidUpdate
+from fedcollm.evaluate import choice_logprobs
 from fedcollm.methods.base import (
     Budget,
     ClientResources,
@@ -91,14 +97,15 @@ def transfer_targets(sender: Sender, dst: SFTData, dst_tokenizer, temperature: f
 
 
 def distil_from(model, public: SFTData, own: TopK, teachers: list[TopK], mkt: FedMKTConfig, epochs: int, lr: float,
-                seed: int, desc: str) -> tuple[StepLog, dict]:
+                seed: int, desc: str, slm: bool) -> tuple[StepLog, dict]:
     """Distil `model` on D^a towards the teachers' top-k (already on its answer rows and in its vocabulary), chosen
-    per example by `mkt.selection` against its own start-of-round top-k `own`; returns the step log and what the
-    record shows (aligned and distilled shares)."""
-    targets = [row_targets(t, public.encoded, mkt.temperature) for t in teachers]
-    own_targets = row_targets(own, public.encoded, mkt.temperature)
+    per example by `mkt.selection` against its own start-of-round top-k `own`, with the SLM side's or the LLM
+    side's weight and temperature; returns the step log and what the record shows (aligned and distilled shares)."""
+    weight, temperature = ((mkt.slm_weight, mkt.slm_temp) if slm else (mkt.kd_weight, mkt.temperature))
+    targets = [row_targets(t, public.encoded, temperature) for t in teachers]
+    own_targets = row_targets(own, public.encoded, temperature)
     chosen = select_targets(mkt.selection, own.ce, own_targets, torch.stack([t.ce for t in teachers]), targets)
-    steps = distill_steps(model, public, chosen, epochs, lr, mkt.batch_size, mkt.kd_weight, seed, desc)
+    steps = distill_steps(model, public, chosen, epochs, lr, mkt.batch_size, weight, seed, desc)
     aligned = [aligned_fraction(torch.cat([t.aligned for t in per_example])) for per_example in targets]
     return steps, {"aligned_fraction": sum(aligned) / len(aligned),
                    "distilled_fraction": sum(t is not None for t in chosen) / len(chosen)}
@@ -144,8 +151,8 @@ class FedMKT(Method):
 
     def client_task(self, states: States, client: str) -> AdapterState | None:
         adapter = states["slm" if self.mkt.share_adapters else client]
-        if states["llm"] is self.wb.llm_init:  # first round: the LLM has learned nothing from the clients yet
-            return adapter
+        if self.mkt.slm_when == "after_llm" or states["llm"] is self.wb.llm_init:
+            return adapter  # after_llm: the server has taught the adapter already; first round: nothing learned yet
         return adapter | to_tensors(self._llm_topk_for(states, client))
 
     @classmethod
@@ -159,7 +166,7 @@ class FedMKT(Method):
                                "server")
             own = public_topk(res.slm, res.public, mkt.top_k, len(res.tokenizer), mkt.batch_size)
             steps, info = distil_from(res.slm, res.public, own, [llm_top], mkt, mkt.slm_epochs, mkt.slm_lr, seed,
-                                      f"{res.name} FedMKT distil")
+                                      f"{res.name} FedMKT distil", slm=True)
             log.debug("%s round %d: distilled on %.0f%% of D^a, loss %.4f", res.name, round_idx,
                       100 * info["distilled_fraction"], steps.mean_loss)
         theta, n, _ = client_update(res.slm, adapter_state(res.slm), res.data, fed.local_epochs, fed.client_lr,
@@ -204,14 +211,61 @@ class FedMKT(Method):
         teachers = [moved((uploads[c], wb.held(c).public, wb.held(c).tokenizer), wb.aux_data, wb.tokenizer)
                     for c in sorted(uploads)]
         steps, info = distil_from(wb.llm, wb.aux_data, own, teachers, mkt, mkt.llm_epochs, mkt.llm_lr,
-                                  unit_seed(wb.cfg.run.seed, r, -1), f"FedMKT LLM distil r{r}")
+                                  unit_seed(wb.cfg.run.seed, r, -1), f"FedMKT LLM distil r{r}", slm=False)
         states = states | {"llm": adapter_state(wb.llm)}
         t0 = time.perf_counter()
-        self._llm_topk(states)  # what the next round's tasks carry
+        self._llm_topk(states)  # what the SLMs learn from (this round, or in the next round's tasks)
         budget = Budget(llm_steps=len(steps.losses), llm_examples=mkt.llm_epochs * len(wb.aux_data))
-        return (states, info | {"teachers": len(teachers), "kd_first": steps.losses[0], "kd_last": steps.losses[-1],
-                                "budget": budget},
-                {"server_kd_s": steps.seconds, "server_topk_s": time.perf_counter() - t0})
+        record = info | {"teachers": len(teachers), "kd_first": steps.losses[0], "kd_last": steps.losses[-1]}
+        timing = {"server_kd_s": steps.seconds, "server_topk_s": time.perf_counter() - t0}
+        if mkt.slm_when == "after_llm" and (mkt.slm_epochs or mkt.pool_epochs):
+            states, taught, seconds = self.teach_slms(states, uploads, r)
+            budget += taught
+            timing["server_slm_kd_s"] = seconds
+        return states, record | {"budget": budget}, timing
+
+    def teach_slms(self, states: States, uploads: dict[str, TopK], r: int) -> tuple[States, Budget, float]:
+        """FATE-LLM's second half of a round: each SLM that trained this round (or the shared adapter) distils from
+        the LLM just updated, on D^a (fedmkt.target) and then on the unlabelled pool (fedmkt.pool_epochs). The
+        server runs it, from the adapter it holds for the client, on public data only; a client's own
+        distribution for the selection is its upload (CE as the server scores it, as the LLM's)."""
+        wb, mkt, t0 = self.wb, self.mkt, time.perf_counter()
+        max_len, eval_bs = wb.cfg.model.max_length, wb.cfg.run.eval_batch_size
+        top = self._llm_topk(states)
+        top = replace(top, ce=topk_ce(top, wb.aux_data))
+        scores = {}
+        if mkt.target == "choices" and mkt.slm_epochs:
+            scores["aux"] = choice_logprobs(wb.llm, wb.tokenizer, wb.split.aux, max_len, eval_bs, "FedMKT LLM choices")
+        if mkt.pool_epochs:
+            scores["pool"] = choice_logprobs(wb.llm, wb.tokenizer, wb.split.pool, max_len, eval_bs, "FedMKT LLM pool")
+        budget = Budget()
+        for name in ["slm"] if mkt.share_adapters else sorted(uploads):
+            held = wb.held(name)
+            load_adapter_state(held.model, states[name])
+            seed = unit_seed(wb.cfg.run.seed, r, int(name.removeprefix("client_")) if name != "slm" else -3)
+            if mkt.slm_epochs and "aux" in scores:
+                steps = mkt.slm_epochs * held.public.steps_per_epoch(mkt.batch_size)
+                choice_distill_steps(held.model, held.tokenizer, wb.split.aux, scores["aux"], steps, mkt.slm_lr,
+                                     mkt.batch_size, mkt.slm_weight, mkt.slm_temp, seed, max_len,
+                                     f"FedMKT {name} choices r{r}")
+                budget += Budget.slm_epochs(mkt.slm_epochs, len(wb.split.aux), mkt.batch_size)
+            elif mkt.slm_epochs:
+                own = uploads.get(name)
+                if own is None:  # the shared adapter, as averaged: its own top-k
+                    own = public_topk(held.model, held.public, mkt.top_k, len(held.tokenizer), mkt.batch_size)
+                    own = replace(own, ce=topk_ce(own, held.public))
+                teacher = replace(moved((top, wb.aux_data, wb.tokenizer), held.public, held.tokenizer), ce=top.ce)
+                distil_from(held.model, held.public, own, [teacher], mkt, mkt.slm_epochs, mkt.slm_lr, seed,
+                            f"FedMKT {name} distil r{r}", slm=True)
+                budget += Budget.slm_epochs(mkt.slm_epochs, len(wb.split.aux), mkt.batch_size)
+            if mkt.pool_epochs:
+                steps = math.ceil(mkt.pool_epochs * len(wb.split.pool) / mkt.batch_size - 1e-9)
+                choice_distill_steps(held.model, held.tokenizer, wb.split.pool, scores["pool"], steps, mkt.slm_lr,
+                                     mkt.batch_size, mkt.slm_weight, mkt.slm_temp, seed + 1, max_len,
+                                     f"FedMKT {name} pool r{r}")
+                budget += Budget(slm_steps=steps, slm_examples=steps * mkt.batch_size)
+            states = states | {name: adapter_state(held.model)}
+        return states, budget, time.perf_counter() - t0
 
     def evaluate(self, states: States, limit: int | None, r: int) -> dict:
         if self.mkt.share_adapters:

@@ -1,0 +1,276 @@
+"""Issue 27's decisive probe: does any channel carry the strongest teacher's knowledge into the study's SLM?
+
+    python benchmarks/channel.py base                 # the two starting points (resumable runs, ~1 h on 2 cores)
+    python benchmarks/channel.py probe [--only GLOB]  # one probe unit per channel (resumable: done units are kept)
+    python benchmarks/channel.py report               # results/channel/results.json (probe block) and probe.md
+
+Teacher: the Centralized-trained LLM (study.toml, its chosen rate 3e-4, seed 0, tuning split: validation rows
+held out). Student: the study's 20-layer SLM in its FedAvg state (chosen client rate 3e-3, seed 0). Each channel
+trains a copy of that SLM adapter for the same number of optimizer steps on the server's data (D^a, or the
+unlabelled public pool) and is scored on the validation items of the four tasks (never the test splits). A
+label-only control (SFT on D^a for the same steps) separates what the teacher adds from what more training adds.
+The parameters and the decision rule are in channel.toml, written before any probe unit ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import tomllib
+from datetime import datetime, timezone
+from fnmatch import fnmatch
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import (  # benchmarks/ is the script's folder, on sys.path
+    machine,
+    use_shared_data,
+)
+
+from fedcollm.algorithms.training import (
+    choice_distill_steps,
+    distill_steps,
+    public_topk,
+    sft_steps,
+)
+from fedcollm.alignment.transfer import row_targets
+from fedcollm.cli import load_config, resume_experiment, run_experiment
+from fedcollm.data.batching import SFTData
+from fedcollm.data.partition import unlabelled_pool
+from fedcollm.evaluate import choice_logprobs, evaluate_tasks
+from fedcollm.fileio import atomic_write_json
+from fedcollm.models.lora import adapter_state, load_adapter_state
+from fedcollm.runs import RunDir
+from fedcollm.stats import holm_intervals, seed_item_difference
+from fedcollm.workbench import Workbench
+
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("channel")
+
+
+def read_plan(path: Path) -> dict:
+    raw = tomllib.loads(path.read_text())
+    raw["results"] = HERE / raw["results"]
+    raw["runs"] = HERE / raw["runs"]
+    return raw
+
+
+def config(plan: dict, extra: list[str]):
+    sets = [f"{k}={json.dumps(v)}" for k, v in plan["setting"].items()] + extra
+    return load_config(str(HERE / plan["config"]), sets)
+
+
+def cmd_base(plan: dict) -> None:
+    """Train (or resume) the teacher's and the student's starting runs."""
+    for method, overrides in plan["base"].items():
+        out = plan["runs"] / f"base-{method}"
+        if (out / "results.json").exists():
+            continue
+        if (out / "config.json").exists():
+            resume_experiment(out)
+            continue
+        sets = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+        run_experiment(config(plan, sets + [f'run.methods=["{method}"]', f"run.out_dir={json.dumps(str(out))}"]))
+
+
+def base_adapter(plan: dict, method: str, which: str, reference):
+    run = RunDir(plan["runs"] / f"base-{method}")
+    rounds = run.load_config().federation.rounds
+    return run.load_round(method, rounds, {which: reference})[which]
+
+
+class Probe:
+    """The workbench, the teacher's cached outputs on D^a and the pool, and the student's starting adapter."""
+
+    def __init__(self, plan: dict):
+        p = plan["probe"]
+        self.plan, self.p = plan, p
+        self.cfg = config(plan, [f"data.public_pool={p['pool_per_task']}"]
+                          + ([f"data.eval_limit={p['eval_limit']}"] if p.get("eval_limit") else []))
+        self.wb = Workbench.build(self.cfg)
+        self.pool = unlabelled_pool(self.cfg.task_specs(self.cfg.data.tasks), self.cfg.data, self.cfg.run.seed)
+        self.teacher = base_adapter(plan, "centralized", "llm", self.wb.llm_init)
+        self.start = base_adapter(plan, "fedavg", "slm", self.wb.slm_init)
+        load_adapter_state(self.wb.llm, self.teacher)
+        self.cache = plan["runs"] / "teacher-cache.pt"
+        self._teacher_outputs()
+
+    def _teacher_outputs(self) -> None:
+        """Per-choice log-likelihoods on D^a and the pool and top-k logits on D^a (and on the pool's pseudo-labels),
+        computed once with the teacher in eval mode (what every channel reads), cached on disk."""
+        if self.cache.exists():
+            self.t = torch.load(self.cache)
+            return
+        wb, p, t0 = self.wb, self.p, time.perf_counter()
+        bs, max_len = self.cfg.run.eval_batch_size, self.cfg.model.max_length
+        aux_scores = choice_logprobs(wb.llm, wb.tokenizer, wb.split.aux, max_len, bs, "teacher D^a choices")
+        pool_scores = choice_logprobs(wb.llm, wb.tokenizer, self.pool, max_len, bs, "teacher pool choices")
+        pseudo = [ex.__class__(**{**ex.__dict__, "answer": int(np.argmax(s))}) for ex, s in zip(self.pool, pool_scores)]
+        aux_top = public_topk(wb.llm, wb.aux_data, p["top_k"], len(wb.tokenizer), p["batch_size"])
+        pseudo_data = SFTData(pseudo, wb.tokenizer, max_len)
+        pool_top = public_topk(wb.llm, pseudo_data, p["top_k"], len(wb.tokenizer), p["batch_size"])
+        self.t = {"aux_scores": aux_scores, "pool_scores": pool_scores, "pseudo": [ex.answer for ex in pseudo],
+                  "aux_top": aux_top, "pool_top": pool_top, "seconds": time.perf_counter() - t0}
+        torch.save(self.t, self.cache)
+
+    def pseudo_pool(self) -> list:
+        return [ex.__class__(**{**ex.__dict__, "answer": a}) for ex, a in zip(self.pool, self.t["pseudo"])]
+
+    def evaluate(self, which: str, state, label: str) -> dict:
+        held = self.wb.held(which)
+        load_adapter_state(held.model, state)
+        return evaluate_tasks(held.model, held.tokenizer, self.wb.eval_sets, self.cfg.model.max_length,
+                              self.cfg.run.eval_batch_size, label)
+
+    def train(self, channel: dict, seed: int) -> float:
+        """One channel's training of the student from its starting adapter; returns seconds."""
+        wb, p = self.wb, self.p
+        slm, tok, max_len = wb.slm, wb.tokenizer, self.cfg.model.max_length
+        load_adapter_state(slm, self.start)
+        steps, lr, bs = p["steps"], channel.get("lr", p["lr"]), p["batch_size"]
+        kind, data = channel["kind"], channel["data"]
+        t0 = time.perf_counter()
+        if kind == "sft":
+            sft_steps(slm, wb.aux_data, steps, lr, bs, seed, "control SFT")
+        elif kind == "tokens":
+            examples, top = ((wb.split.aux, self.t["aux_top"]) if data == "aux"
+                             else (self.pseudo_pool(), self.t["pool_top"]))
+            sft = wb.aux_data if data == "aux" else SFTData(examples, tok, max_len)
+            targets = row_targets(top, sft.encoded, channel.get("temperature", 1.0))
+            distill_steps(slm, sft, targets, steps * bs / len(sft), lr, bs, channel["weight"], seed,
+                          f"tokens {data}")
+        elif kind == "choices":
+            examples = (wb.split.aux if data == "aux" else self.pool if data == "pool"
+                        else wb.split.aux + self.pool)
+            scores = (self.t["aux_scores"] if data == "aux" else self.t["pool_scores"] if data == "pool"
+                      else self.t["aux_scores"] + self.t["pool_scores"])
+            choice_distill_steps(slm, tok, examples, scores, steps, lr, bs, channel["weight"],
+                                 channel.get("temperature", 1.0), seed, max_len, f"choices {data}")
+        else:
+            raise SystemExit(f"channel.toml: unknown channel kind {kind!r}")
+        return time.perf_counter() - t0
+
+
+def unit_file(plan: dict, name: str) -> Path:
+    return plan["results"] / "probe" / f"{name}.json"
+
+
+def _keep(evaluation: dict) -> dict:
+    return {t: {k: b[k] for k in ("acc", "acc_norm", "n", "correct")} for t, b in evaluation.items()}
+
+
+def cmd_probe(plan: dict, only: str) -> None:
+    names = ["teacher", "start"] + [c["name"] for c in plan["probe"]["channels"]]
+    seeds = plan["probe"]["seeds"]
+    todo = [(n, s) for n in names for s in (seeds if n not in ("teacher", "start") else [0])
+            if fnmatch(n, only) and not unit_file(plan, f"{n}-s{s}").exists()]
+    if not todo:
+        return
+    probe = Probe(plan)
+    channels = {c["name"]: c for c in plan["probe"]["channels"]}
+    for name, seed in todo:
+        t0 = time.perf_counter()
+        if name == "teacher":
+            result, train_s = probe.evaluate("llm", probe.teacher, "teacher"), 0.0
+        elif name == "start":
+            result, train_s = probe.evaluate("slm", probe.start, "start"), 0.0
+        else:
+            train_s = probe.train(channels[name], seed)
+            result = probe.evaluate("slm", adapter_state(probe.wb.slm), name)
+        out = {"unit": name, "seed": seed, "channel": channels.get(name), "final": _keep(result),
+               "train_seconds": train_s, "seconds": time.perf_counter() - t0,
+               "teacher_cache_seconds": probe.t["seconds"], "pool_size": len(probe.pool),
+               "aux_size": len(probe.wb.split.aux), "machine": machine(), "dtype": probe.cfg.model.dtype,
+               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        atomic_write_json(unit_file(plan, f"{name}-s{seed}"), out)
+        mean = sum(b["acc"] for b in out["final"].values()) / len(out["final"])
+        log.info("probe unit %s seed %d: mean validation acc %.4f (%.0f s)", name, seed, mean, out["seconds"])
+
+
+def runs_of(plan: dict, name: str, task: str) -> np.ndarray:
+    files = sorted((plan["results"] / "probe").glob(f"{name}-s*.json"))
+    return np.array([[c == "1" for c in json.loads(f.read_text())["final"][task]["correct"]] for f in files])
+
+
+def power(scaled: np.ndarray, effect: float, alpha: float) -> float:
+    """Chance that a true difference of `effect` is found significant at two-sided `alpha`, by a normal
+    approximation with the bootstrap's spread of the difference (the spread barely depends on the true effect)."""
+    from statistics import NormalDist
+
+    se = float(np.std(scaled))
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    return 1 - NormalDist().cdf(z - effect / se) + NormalDist().cdf(-z - effect / se)
+
+
+def cmd_report(plan: dict) -> dict:
+    p = plan["probe"]
+    tasks = config(plan, []).data.tasks
+    names = [c["name"] for c in p["channels"]]
+    acc = {n: {t: float(runs_of(plan, n, t).mean()) for t in tasks} for n in ["teacher", "start", *names]
+           if any((plan["results"] / "probe").glob(f"{n}-s*.json"))}
+    # the pooled comparison over all validation items of the four tasks, each channel against the start and the
+    # label-only control: one Holm family
+    def pooled(name: str) -> np.ndarray:
+        return np.concatenate([runs_of(plan, name, t) for t in tasks], axis=1)
+
+    comparisons, dists = [], []
+    for n in names:
+        if n not in acc:
+            continue
+        for base in ("start", p["control"]):
+            if base == n or base not in acc:
+                continue
+            a, b = pooled(n), pooled(base)
+            diff, scaled = seed_item_difference(a, b, p["resamples"])
+            scale = a.shape[0] * b.shape[0] * a.shape[1]
+            comparisons.append({"model": "slm", "a": n, "b": base, "task": "all", "diff": diff,
+                                "items": int(a.shape[1]), "seeds": [int(a.shape[0]), int(b.shape[0])],
+                                "power_1pt": power(scaled / scale, 0.01, 0.05),
+                                "power_2pt": power(scaled / scale, 0.02, 0.05)})
+            dists.append(scaled / scale)
+    for c, h in zip(comparisons, holm_intervals(dists)):
+        c.update({"holm_interval": [float(x) for x in h["interval"]], "holm_alpha": h["holm_alpha"],
+                  "p": float(h["p"]), "significant": h["significant"]})
+    gains = {c["a"]: c["diff"] for c in comparisons if c["b"] == p["control"]}
+    starts = {c["a"]: c["diff"] for c in comparisons if c["b"] == "start"}
+    mean = {n: sum(v.values()) / len(v) for n, v in acc.items()}
+    teacher_channels = [n for n in names if n != p["control"] and n in acc]
+    moved = [n for n in teacher_channels if gains.get(n, -1) >= p["ceiling_points"] / 100
+             and starts.get(n, -1) >= p["ceiling_points"] / 100]
+    probe = {"teacher": "centralized LLM (base-centralized, round 2)", "student": "fedavg SLM (base-fedavg, round 2)",
+             "rule": p["rule"], "accuracy": acc, "mean": mean,
+             "gap_start_to_teacher": mean.get("teacher", 0) - mean.get("start", 0),
+             "comparisons": comparisons, "moved_by_1pt": moved,
+             "ceiling": bool(teacher_channels) and not moved,
+             "units": {f.stem: {"seconds": (d := json.loads(f.read_text()))["seconds"],
+                                "train_seconds": d["train_seconds"], "machine": d["machine"], "dtype": d["dtype"]}
+                       for f in sorted((plan["results"] / "probe").glob("*.json"))}}
+    path = plan["results"] / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["probe"] = probe
+    results.setdefault("setting", {})["probe_seeds"] = p["seeds"]
+    atomic_write_json(path, results)
+    print(json.dumps({"mean": mean, "ceiling": probe["ceiling"],
+                      "comparisons": [{k: c[k] for k in ("a", "b", "diff", "holm_interval", "significant",
+                                                         "power_1pt")} for c in comparisons]}, indent=1))
+    return probe
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["base", "probe", "report"])
+    parser.add_argument("--plan", default=str(HERE / "channel.toml"))
+    parser.add_argument("--only", default="*", help="run only the probe units whose names match this glob")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    use_shared_data()
+    plan = read_plan(Path(args.plan))
+    {"base": lambda: cmd_base(plan), "probe": lambda: cmd_probe(plan, args.only),
+     "report": lambda: cmd_report(plan)}[args.command]()
+
+
+if __name__ == "__main__":
+    main()
