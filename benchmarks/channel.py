@@ -21,6 +21,7 @@ import time
 import tomllib
 from datetime import datetime, timezone
 from fnmatch import fnmatch
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -92,18 +93,27 @@ class Probe:
                           + ([f"data.eval_limit={p['eval_limit']}"] if p.get("eval_limit") else []))
         self.wb = Workbench.build(self.cfg)
         self.pool = unlabelled_pool(self.cfg.task_specs(self.cfg.data.tasks), self.cfg.data, self.cfg.run.seed)
-        self.teacher = base_adapter(plan, "centralized", "llm", self.wb.llm_init)
         self.start = base_adapter(plan, "fedavg", "slm", self.wb.slm_init)
-        load_adapter_state(self.wb.llm, self.teacher)
         self.cache = plan["runs"] / "teacher-cache.pt"
-        self._teacher_outputs()
+        self._t: dict | None = None
 
-    def _teacher_outputs(self) -> None:
+    @cached_property
+    def teacher(self):
+        """The teacher's adapter, loaded into the LLM (only units that need the teacher wait for its run)."""
+        state = base_adapter(self.plan, "centralized", "llm", self.wb.llm_init)
+        load_adapter_state(self.wb.llm, state)
+        return state
+
+    @property
+    def t(self) -> dict:
         """Per-choice log-likelihoods on D^a and the pool and top-k logits on D^a (and on the pool's pseudo-labels),
         computed once with the teacher in eval mode (what every channel reads), cached on disk."""
-        if self.cache.exists():
-            self.t = torch.load(self.cache)
-            return
+        if self._t is None:
+            self._t = torch.load(self.cache) if self.cache.exists() else self._teacher_outputs()
+        return self._t
+
+    def _teacher_outputs(self) -> dict:
+        _ = self.teacher  # loads the teacher's adapter into the LLM
         wb, p, t0 = self.wb, self.p, time.perf_counter()
         bs, max_len = self.cfg.run.eval_batch_size, self.cfg.model.max_length
         aux_scores = choice_logprobs(wb.llm, wb.tokenizer, wb.split.aux, max_len, bs, "teacher D^a choices")
@@ -112,9 +122,10 @@ class Probe:
         aux_top = public_topk(wb.llm, wb.aux_data, p["top_k"], len(wb.tokenizer), p["batch_size"])
         pseudo_data = SFTData(pseudo, wb.tokenizer, max_len)
         pool_top = public_topk(wb.llm, pseudo_data, p["top_k"], len(wb.tokenizer), p["batch_size"])
-        self.t = {"aux_scores": aux_scores, "pool_scores": pool_scores, "pseudo": [ex.answer for ex in pseudo],
-                  "aux_top": aux_top, "pool_top": pool_top, "seconds": time.perf_counter() - t0}
-        torch.save(self.t, self.cache)
+        out = {"aux_scores": aux_scores, "pool_scores": pool_scores, "pseudo": [ex.answer for ex in pseudo],
+               "aux_top": aux_top, "pool_top": pool_top, "seconds": time.perf_counter() - t0}
+        torch.save(out, self.cache)
+        return out
 
     def pseudo_pool(self) -> list:
         return [ex.__class__(**{**ex.__dict__, "answer": a}) for ex, a in zip(self.pool, self.t["pseudo"])]
@@ -140,7 +151,8 @@ class Probe:
                              else (self.pseudo_pool(), self.t["pool_top"]))
             sft = wb.aux_data if data == "aux" else SFTData(examples, tok, max_len)
             targets = row_targets(top, sft.encoded, channel.get("temperature", 1.0))
-            distill_steps(slm, sft, targets, steps * bs / len(sft), lr, bs, channel["weight"], seed,
+            whole, rest = divmod(steps, sft.steps_per_epoch(bs))  # epochs that come to exactly `steps` steps
+            distill_steps(slm, sft, targets, whole + rest * bs / len(sft), lr, bs, channel["weight"], seed,
                           f"tokens {data}")
         elif kind == "choices":
             examples = (wb.split.aux if data == "aux" else self.pool if data == "pool"
@@ -182,9 +194,10 @@ def cmd_probe(plan: dict, only: str) -> None:
             result = probe.evaluate("slm", adapter_state(probe.wb.slm), name)
         out = {"unit": name, "seed": seed, "channel": channels.get(name), "final": _keep(result),
                "train_seconds": train_s, "seconds": time.perf_counter() - t0,
-               "teacher_cache_seconds": probe.t["seconds"], "pool_size": len(probe.pool),
+               "teacher_cache_seconds": probe._t["seconds"] if probe._t else None, "pool_size": len(probe.pool),
                "aux_size": len(probe.wb.split.aux), "machine": machine(), "dtype": probe.cfg.model.dtype,
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        unit_file(plan, name).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(unit_file(plan, f"{name}-s{seed}"), out)
         mean = sum(b["acc"] for b in out["final"].values()) / len(out["final"])
         log.info("probe unit %s seed %d: mean validation acc %.4f (%.0f s)", name, seed, mean, out["seconds"])
@@ -201,6 +214,8 @@ def power(scaled: np.ndarray, effect: float, alpha: float) -> float:
     from statistics import NormalDist
 
     se = float(np.std(scaled))
+    if se == 0:  # no item differs in any resample: any true difference would show
+        return 1.0
     z = NormalDist().inv_cdf(1 - alpha / 2)
     return 1 - NormalDist().cdf(z - effect / se) + NormalDist().cdf(-z - effect / se)
 
@@ -248,6 +263,7 @@ def cmd_report(plan: dict) -> dict:
              "units": {f.stem: {"seconds": (d := json.loads(f.read_text()))["seconds"],
                                 "train_seconds": d["train_seconds"], "machine": d["machine"], "dtype": d["dtype"]}
                        for f in sorted((plan["results"] / "probe").glob("*.json"))}}
+    (plan["results"] / "probe.md").write_text(probe_markdown(probe, tasks))
     path = plan["results"] / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results["probe"] = probe
@@ -257,6 +273,25 @@ def cmd_report(plan: dict) -> dict:
                       "comparisons": [{k: c[k] for k in ("a", "b", "diff", "holm_interval", "significant",
                                                          "power_1pt")} for c in comparisons]}, indent=1))
     return probe
+
+
+def probe_markdown(probe: dict, tasks: list[str]) -> str:
+    """The probe's tables, generated from results.json's probe block."""
+    lines = ["# Issue 27's probe (generated by `python benchmarks/channel.py report`)", "", probe["rule"].replace("\n", " "),
+             "", f"Teacher: {probe['teacher']}. Student start: {probe['student']}. Validation items; mean acc over the "
+             "tasks.", "", "| unit | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+    for name, per_task in probe["accuracy"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * per_task[t]:.1f}" for t in tasks)
+                     + f" | {100 * probe['mean'][name]:.2f} |")
+    lines += ["", "| a | b | diff (points) | Holm level | Holm interval | significant | power at +1 / +2 points |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['a']} | {c['b']} | {100 * c['diff']:+.2f} | {c['holm_alpha']:.4f} | "
+              f"[{100 * c['holm_interval'][0]:+.2f}, {100 * c['holm_interval'][1]:+.2f}] | "
+              f"{'yes' if c['significant'] else 'no'} | {c['power_1pt']:.2f} / {c['power_2pt']:.2f} |"
+              for c in probe["comparisons"]]
+    lines += ["", f"Channels that moved the SLM by the rule: {', '.join(probe['moved_by_1pt']) or 'none'}; "
+              f"ceiling: {str(probe['ceiling']).lower()}."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -169,7 +169,8 @@ def test_a_client_reporting_zero_ce_does_not_win_every_selection(make_workbench,
     wb = _fedmkt_wb(make_workbench, tmp_path)
     clients = [SimulatedClient(wb, 0), ZeroCE(wb, 1), SimulatedClient(wb, 2)]
     run_method(wb, "fedmkt", RunDir(tmp_path), InProcessTransport(clients))
-    [(own_ce, teacher_ce)] = seen  # the server's selection for the LLM (clients distil from round 2 on)
+    own_ce, teacher_ce = seen[0]  # the server's selection for the LLM (then each SLM's, from the updated LLM)
+    assert teacher_ce.shape[0] == 3
     best = teacher_ce.argmin(0)
     attacker_wins = ((best == 1) & (teacher_ce.min(0).values < own_ce)).float().mean().item()
     assert (teacher_ce[1] > 0).all() and attacker_wins < 0.9, attacker_wins

@@ -217,7 +217,7 @@ def test_client_runs_the_method_the_server_names(model_dirs, data_dir, make_work
     from fedcollm.comm import pack, unpack
     from fedcollm.engines.inprocess import SimulatedClient
 
-    mkt = {"top_k": 4, "batch_size": 4}
+    mkt = {"top_k": 4, "batch_size": 4, "slm_when": "next_round"}  # the order in which tasks carry the LLM's top-k
     cfg = tiny_config(data_dir, str(model_dirs / "run"), model={"llm": str(model_dirs / "llm"),
                                                                  "slm": str(model_dirs / "slm")},
                       run={"methods": ["fedmkt"]}, fedmkt=mkt).to_dict()
@@ -251,7 +251,7 @@ def test_a_client_with_its_own_model_and_tokenizer_answers_in_its_own_vocabulary
         model.save_pretrained(model_dirs / name)
         tok.save_pretrained(model_dirs / name)
     slms = [str(model_dirs / n) for n in ("tiny-llama", "tiny-qwen2", "tiny-llama")]
-    mkt = {"top_k": 4, "batch_size": 4}
+    mkt = {"top_k": 4, "batch_size": 4, "slm_when": "next_round"}  # the order in which tasks carry the LLM's top-k
     cfg = tiny_config(data_dir, str(model_dirs / "run"), model={"llm": str(model_dirs / "llm"),
                                                                  "slm": str(model_dirs / "slm"), "client_slms": slms},
                       run={"methods": ["fedmkt"]}, fedmkt=mkt)

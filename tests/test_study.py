@@ -71,7 +71,8 @@ def test_a_piece_stops_at_its_budget_and_the_next_one_goes_on_without_redoing_un
     assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
     assert {(c["a"], c["b"]) for c in res["claims"]} == {("fedcollm", "fedavg"), ("fedcollm", "centralized"),
                                                         ("standalone", "zero_shot")}
-    assert all(set(c) >= {"claim", "a", "b", "task", "diff", "ci95", "significant"} for c in res["claims"])
+    assert all(set(c) >= {"claim", "a", "b", "task", "diff", "ci95_items", "holm_interval", "holm_alpha", "p",
+                          "significant"} for c in res["claims"])
     chosen = res["hparams"]["chosen"]
     # FedCoLLM's clients train as FedAvg's: it takes FedAvg's chosen learning rate and tunes only its own knob
     assert chosen["fedcollm"]["overrides"]["federation.client_lr"] == chosen["fedavg"]["overrides"][
