@@ -124,7 +124,8 @@ class Probe:
         pool_top = public_topk(wb.llm, pseudo_data, p["top_k"], len(wb.tokenizer), p["batch_size"])
         out = {"aux_scores": aux_scores, "pool_scores": pool_scores, "pseudo": [ex.answer for ex in pseudo],
                "aux_top": aux_top, "pool_top": pool_top, "seconds": time.perf_counter() - t0}
-        torch.save(out, self.cache)
+        torch.save(out, self.cache.with_suffix(".tmp"))
+        self.cache.with_suffix(".tmp").replace(self.cache)  # whole or absent: another probe process may read it
         return out
 
     def pseudo_pool(self) -> list:
