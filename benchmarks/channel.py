@@ -256,9 +256,10 @@ def cmd_report(plan: dict) -> dict:
     teacher_channels = [n for n in names if n != p["control"] and n in acc]
     moved = [n for n in teacher_channels if gains.get(n, -1) >= p["ceiling_points"] / 100
              and starts.get(n, -1) >= p["ceiling_points"] / 100]
+    gap = mean.get("teacher", 0) - mean.get("start", 0)
     probe = {"teacher": "centralized LLM (base-centralized, round 2)", "student": "fedavg SLM (base-fedavg, round 2)",
-             "rule": p["rule"], "accuracy": acc, "mean": mean,
-             "gap_start_to_teacher": mean.get("teacher", 0) - mean.get("start", 0),
+             "rule": p["rule"], "accuracy": acc, "mean": mean, "gap_start_to_teacher": gap,
+             "gap_closed": {n: (mean[n] - mean["start"]) / gap for n in names if n in mean and gap > 0},
              "comparisons": comparisons, "moved_by_1pt": moved,
              "ceiling": bool(teacher_channels) and not moved,
              "units": {f.stem: {"seconds": (d := json.loads(f.read_text()))["seconds"],
@@ -268,7 +269,11 @@ def cmd_report(plan: dict) -> dict:
     path = plan["results"] / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results["probe"] = probe
-    results.setdefault("setting", {})["probe_seeds"] = p["seeds"]
+    results.setdefault("setting", {}).update(
+        {"seeds": p["seeds"], "base_seed": 0, "scored": "validation", "items": comparisons[0]["items"] if comparisons
+         else None, "steps": p["steps"], "lr": p["lr"], "batch_size": p["batch_size"], "eval_limit": p["eval_limit"]})
+    if probe["ceiling"] or "claims" not in results:  # the probe's family is the claims until a grid's finals exist
+        results["claims"] = [c | {"claim": f"SLM {c['a']} vs {c['b']} (probe)"} for c in comparisons]
     atomic_write_json(path, results)
     print(json.dumps({"mean": mean, "ceiling": probe["ceiling"],
                       "comparisons": [{k: c[k] for k in ("a", "b", "diff", "holm_interval", "significant",
@@ -290,7 +295,10 @@ def probe_markdown(probe: dict, tasks: list[str]) -> str:
               f"[{100 * c['holm_interval'][0]:+.2f}, {100 * c['holm_interval'][1]:+.2f}] | "
               f"{'yes' if c['significant'] else 'no'} | {c['power_1pt']:.2f} / {c['power_2pt']:.2f} |"
               for c in probe["comparisons"]]
-    lines += ["", f"Channels that moved the SLM by the rule: {', '.join(probe['moved_by_1pt']) or 'none'}; "
+    lines += ["", "Fraction of the start-to-teacher gap "
+              f"({100 * probe['gap_start_to_teacher']:.2f} points) each channel closes: "
+              + ", ".join(f"{n} {100 * g:+.0f} %" for n, g in probe["gap_closed"].items()) + ".",
+              "", f"Channels that moved the SLM by the rule: {', '.join(probe['moved_by_1pt']) or 'none'}; "
               f"ceiling: {str(probe['ceiling']).lower()}."]
     return "\n".join(lines) + "\n"
 
