@@ -109,7 +109,8 @@ class Probe:
         """Per-choice log-likelihoods on D^a and the pool and top-k logits on D^a (and on the pool's pseudo-labels),
         computed once with the teacher in eval mode (what every channel reads), cached on disk."""
         if self._t is None:
-            self._t = torch.load(self.cache) if self.cache.exists() else self._teacher_outputs()
+            # our own file in the runs folder (TopK dataclasses inside), so weights_only is off
+            self._t = torch.load(self.cache, weights_only=False) if self.cache.exists() else self._teacher_outputs()
         return self._t
 
     def _teacher_outputs(self) -> dict:
