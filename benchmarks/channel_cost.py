@@ -9,7 +9,8 @@ Interleaved batch by batch on the same D^a batches (batch 8), so drift in machin
   choices_pair         one choice-level step of each model (every choice of 8 items in one packed forward)
   teacher_choice_scores  the per-choice scores of 8 items by both models, which the choice path computes once a
                        round (cached for all its steps) instead of once a step
-Writes benchmarks/results/channel/cost.json.
+Prints the median seconds per step (robust to a step slowed by another process); writes
+benchmarks/results/channel/cost.json.
 """
 
 from __future__ import annotations
@@ -98,16 +99,17 @@ def main() -> None:
             rows.append(row)
     keys = list(rows[0])
     mean = {k: statistics.mean(r[k] for r in rows) for k in keys}
+    median = {k: statistics.median(r[k] for r in rows) for k in keys}  # robust to a step hit by another process
     result = {"setting": {"config": str(Path(args.config).name), "llm": cfg.model.llm, "slm": cfg.model.slm,
                           "dtype": cfg.model.dtype, "batch_size": 8, "steps": args.steps,
                           "torch_threads": torch.get_num_threads()},
-              "machine": machine(), "mean_s": mean,
-              "eval_targets_over_train_targets": mean["joint_eval_targets"] / mean["joint_train_targets"],
+              "machine": machine(), "mean_s": mean, "median_s": median,
+              "eval_targets_over_train_targets": median["joint_eval_targets"] / median["joint_train_targets"],
               "per_step": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: round(v, 3) for k, v in mean.items()}
+    print(json.dumps({k: round(v, 3) for k, v in median.items()}
                      | {"eval/train targets": round(result["eval_targets_over_train_targets"], 3)}))
 
 
