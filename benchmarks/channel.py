@@ -21,6 +21,7 @@ import time
 import tomllib
 from datetime import datetime, timezone
 from fnmatch import fnmatch
+from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
 
@@ -222,6 +223,20 @@ def power(scaled: np.ndarray, effect: float, alpha: float) -> float:
     return 1 - NormalDist().cdf(z - effect / se) + NormalDist().cdf(-z - effect / se)
 
 
+def exact_difference(a: np.ndarray, b: np.ndarray) -> Fraction:
+    """Mean accuracy of a minus b ([runs, items] of 0/1 on the same items) as an exact fraction."""
+    (sa, n), sb = a.shape, b.shape[0]
+    return Fraction(int(a.sum()) * sb - int(b.sum()) * sa, sa * sb * n)
+
+
+def moved_channels(channels: list[str], exact: dict[tuple[str, str], Fraction], control: str,
+                   points: float) -> list[str]:
+    """The plan's rule on exact differences (no float edge): a channel moves the SLM if it is at least `points`
+    above both the start and the label-only control."""
+    bar = Fraction(str(points)) / 100
+    return [n for n in channels if all(exact.get((n, base), Fraction(-1)) >= bar for base in ("start", control))]
+
+
 def cmd_report(plan: dict) -> dict:
     p = plan["probe"]
     tasks = config(plan, []).data.tasks
@@ -233,7 +248,7 @@ def cmd_report(plan: dict) -> dict:
     def pooled(name: str) -> np.ndarray:
         return np.concatenate([runs_of(plan, name, t) for t in tasks], axis=1)
 
-    comparisons, dists = [], []
+    comparisons, dists, exact = [], [], {}
     for n in names:
         if n not in acc:
             continue
@@ -242,6 +257,7 @@ def cmd_report(plan: dict) -> dict:
                 continue
             a, b = pooled(n), pooled(base)
             diff, scaled = seed_item_difference(a, b, p["resamples"])
+            exact[n, base] = exact_difference(a, b)
             scale = a.shape[0] * b.shape[0] * a.shape[1]
             comparisons.append({"model": "slm", "a": n, "b": base, "task": "all", "diff": diff,
                                 "items": int(a.shape[1]), "seeds": [int(a.shape[0]), int(b.shape[0])],
@@ -251,12 +267,9 @@ def cmd_report(plan: dict) -> dict:
     for c, h in zip(comparisons, holm_intervals(dists)):
         c.update({"holm_interval": [float(x) for x in h["interval"]], "holm_alpha": h["holm_alpha"],
                   "p": float(h["p"]), "significant": h["significant"]})
-    gains = {c["a"]: c["diff"] for c in comparisons if c["b"] == p["control"]}
-    starts = {c["a"]: c["diff"] for c in comparisons if c["b"] == "start"}
     mean = {n: sum(v.values()) / len(v) for n, v in acc.items()}
     teacher_channels = [n for n in names if n != p["control"] and n in acc]
-    moved = [n for n in teacher_channels if gains.get(n, -1) >= p["ceiling_points"] / 100
-             and starts.get(n, -1) >= p["ceiling_points"] / 100]
+    moved = moved_channels(teacher_channels, exact, p["control"], p["ceiling_points"])
     gap = mean.get("teacher", 0) - mean.get("start", 0)
     probe = {"teacher": "centralized LLM (base-centralized, round 2)", "student": "fedavg SLM (base-fedavg, round 2)",
              "rule": p["rule"], "accuracy": acc, "mean": mean, "gap_start_to_teacher": gap,
