@@ -124,4 +124,4 @@ def choice_distill_loss(student_scores: list[torch.Tensor], teacher_scores: torc
     ce = (-sum(student_scores[i][answers[i]] for i in labelled) / sum(gold_tokens[i] for i in labelled)
           if labelled else torch.zeros((), device=teacher_scores.device))
     kl = choice_kl(pad_choices(student_scores), teacher_scores, temperature)
-    return ce + kd_weight * kl, {"ce": float(ce), "kl": float(kl)}
+    return ce + kd_weight * kl, {"ce": ce.detach().item(), "kl": kl.detach().item()}
