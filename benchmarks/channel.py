@@ -19,6 +19,7 @@ import json
 import logging
 import time
 import tomllib
+from dataclasses import replace
 from datetime import datetime, timezone
 from fnmatch import fnmatch
 from fractions import Fraction
@@ -120,7 +121,7 @@ class Probe:
         bs, max_len = self.cfg.run.eval_batch_size, self.cfg.model.max_length
         aux_scores = choice_logprobs(wb.llm, wb.tokenizer, wb.split.aux, max_len, bs, "teacher D^a choices")
         pool_scores = choice_logprobs(wb.llm, wb.tokenizer, self.pool, max_len, bs, "teacher pool choices")
-        pseudo = [ex.__class__(**{**ex.__dict__, "answer": int(np.argmax(s))}) for ex, s in zip(self.pool, pool_scores)]
+        pseudo = [replace(ex, answer=int(np.argmax(s))) for ex, s in zip(self.pool, pool_scores)]
         aux_top = public_topk(wb.llm, wb.aux_data, p["top_k"], len(wb.tokenizer), p["batch_size"])
         pseudo_data = SFTData(pseudo, wb.tokenizer, max_len)
         pool_top = public_topk(wb.llm, pseudo_data, p["top_k"], len(wb.tokenizer), p["batch_size"])
@@ -131,7 +132,7 @@ class Probe:
         return out
 
     def pseudo_pool(self) -> list:
-        return [ex.__class__(**{**ex.__dict__, "answer": a}) for ex, a in zip(self.pool, self.t["pseudo"])]
+        return [replace(ex, answer=a) for ex, a in zip(self.pool, self.t["pseudo"])]
 
     def evaluate(self, which: str, state, label: str) -> dict:
         held = self.wb.held(which)

@@ -4,6 +4,8 @@ the unlabelled public pool), pure pieces first, then on tiny models."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -88,7 +90,7 @@ def test_packed_scores_with_gradients_equal_the_evaluation_scores(make_workbench
 
 def test_choice_distillation_moves_the_student_towards_the_teachers_ranking(make_workbench):
     wb = make_workbench()
-    items, max_len = [ex.__class__(**{**ex.__dict__, "answer": -1}) for ex in wb.split.aux[:8]], wb.cfg.model.max_length
+    items, max_len = [replace(ex, answer=-1) for ex in wb.split.aux[:8]], wb.cfg.model.max_length
     teacher = choice_logprobs(wb.llm, wb.tokenizer, items, max_len)
 
     def kl() -> float:

@@ -281,8 +281,21 @@ class FederationConfig:
         _check(self.batch_size >= 1, "federation.batch_size", "must be >= 1")
 
 
+class SlmSide:
+    """The SLM side's distillation weight and temperature: its own where set, else the shared kd_weight and
+    temperature (both distillation tables have all four fields)."""
+
+    @property
+    def slm_weight(self) -> float:
+        return self.kd_weight if self.slm_kd_weight is None else self.slm_kd_weight
+
+    @property
+    def slm_temp(self) -> float:
+        return self.temperature if self.slm_temperature is None else self.slm_temperature
+
+
 @dataclass
-class DistillConfig:
+class DistillConfig(SlmSide):
     epochs: float = 1.0
     """Epochs over D^a of server mutual distillation per round, fractions allowed: ceil(epochs * |D^a| /
     batch_size) steps, each one batch with both models updated. A budget in epochs, not steps, so that the server
@@ -335,17 +348,9 @@ class DistillConfig:
         distill.epochs)."""
         return math.ceil((self.epochs if epochs is None else epochs) * aux_examples / self.batch_size - 1e-9)
 
-    @property
-    def slm_weight(self) -> float:
-        return self.kd_weight if self.slm_kd_weight is None else self.slm_kd_weight
-
-    @property
-    def slm_temp(self) -> float:
-        return self.temperature if self.slm_temperature is None else self.slm_temperature
-
 
 @dataclass
-class FedMKTConfig:
+class FedMKTConfig(SlmSide):
     """FedMKT (arXiv 2406.02224): clients and server exchange top-k logits on the public set D^a and distil from
     each other's (aligned, selected) distributions; LoRA adapters stay with their owners unless shared."""
 
@@ -379,14 +384,6 @@ class FedMKTConfig:
     """Public examples per distillation step, on both sides (and per forward pass when computing top-k)."""
     share_adapters: bool = False
     """FedAvg the clients' SLM adapters each round (only where every client runs the same SLM); off = each client keeps its own."""
-
-    @property
-    def slm_weight(self) -> float:
-        return self.kd_weight if self.slm_kd_weight is None else self.slm_kd_weight
-
-    @property
-    def slm_temp(self) -> float:
-        return self.temperature if self.slm_temperature is None else self.slm_temperature
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, "fedmkt.top_k", "must be >= 1")
