@@ -281,6 +281,11 @@ class FederationConfig:
         _check(self.batch_size >= 1, "federation.batch_size", "must be >= 1")
 
 
+def epoch_steps(epochs: float, examples: int, batch_size: int) -> int:
+    """Optimizer steps of `epochs` passes (fractions allowed) over `examples` in batches of `batch_size`."""
+    return math.ceil(epochs * examples / batch_size - 1e-9)
+
+
 class SlmSide:
     """The SLM side's distillation weight and temperature: its own where set, else the shared kd_weight and
     temperature (both distillation tables have all four fields)."""
@@ -346,7 +351,7 @@ class DistillConfig(SlmSide):
     def steps(self, aux_examples: int, epochs: float | None = None) -> int:
         """Optimizer steps of one round's distillation over `aux_examples` examples (for `epochs`, default
         distill.epochs)."""
-        return math.ceil((self.epochs if epochs is None else epochs) * aux_examples / self.batch_size - 1e-9)
+        return epoch_steps(self.epochs if epochs is None else epochs, aux_examples, self.batch_size)
 
 
 @dataclass

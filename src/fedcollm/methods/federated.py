@@ -6,6 +6,7 @@ import logging
 import time
 
 from fedcollm.algorithms.training import (
+    StepLog,
     choice_distill_steps,
     distill_steps,
     mutual_distill,
@@ -78,6 +79,11 @@ class FedAvg(Method):
         return states | {"slm": self.average(states["slm"], updates, r)}
 
 
+def halves_record(f: StepLog, g: StepLog) -> dict:
+    """First and last loss of the LLM's (f) and the SLM's (g) training, where each trains in its own loop."""
+    return {"kd_first": {"f": f.losses[0], "g": g.losses[0]}, "kd_last": {"f": f.losses[-1], "g": g.losses[-1]}}
+
+
 class FedCoLLM(FedAvg):
     """FedAvg, then mutual knowledge distillation between the LLM and the SLM on D^a (Eq. 3-6), for
     distill.epochs epochs a round. Where the two vocabularies differ (heterogeneous FedCoLLM), each model's
@@ -124,8 +130,7 @@ class FedCoLLM(FedAvg):
                                 d.top_k, d.slm_lr, d.batch_size, seed, f"FedCoLLM SLM from LLM r{r}")
             f = one_way_distill(wb.llm, wb.slm, wb.aux_data, steps, d.kd_weight, d.temperature, d.kl_direction,
                                 d.top_k, d.llm_lr, d.batch_size, seed, f"FedCoLLM LLM from SLM r{r}")
-            return ({"kd_first": {"f": f.losses[0], "g": g.losses[0]}, "kd_last": {"f": f.losses[-1], "g": g.losses[-1]},
-                     "budget": budget}, {"server_kd_s": f.seconds + g.seconds})
+            return halves_record(f, g) | {"budget": budget}, {"server_kd_s": f.seconds + g.seconds}
         kd = mutual_distill(wb.llm, wb.slm, wb.aux_data, steps, d.kd_weight, d.temperature, d.kl_direction,
                             d.top_k, d.llm_lr, d.slm_lr, d.batch_size, seed, teacher_eval=d.teacher_mode == "eval",
                             slm_kd_weight=d.slm_kd_weight, slm_temperature=d.slm_temperature)
@@ -153,8 +158,8 @@ class FedCoLLM(FedAvg):
                                  d.temperature, seed, wb.cfg.model.max_length, f"FedCoLLM LLM choices r{r}")
         budget = Budget(llm_steps=steps, slm_steps=steps, llm_examples=steps * d.batch_size,
                         slm_examples=steps * d.batch_size)
-        return ({"kd_first": {"f": f.losses[0], "g": g.losses[0]}, "kd_last": {"f": f.losses[-1], "g": g.losses[-1]},
-                 "budget": budget}, {"server_kd_s": f.seconds + g.seconds, "server_scores_s": score_s})
+        return (halves_record(f, g) | {"budget": budget},
+                {"server_kd_s": f.seconds + g.seconds, "server_scores_s": score_s})
 
     def pool_update(self, r: int, steps: int, record: dict, timing: dict) -> tuple[dict, dict]:
         """The SLM learns the LLM's (after this round's update) distribution over the choices of the unlabelled
@@ -204,8 +209,6 @@ class FedCoLLM(FedAvg):
                               d.epochs, d.llm_lr, d.batch_size, w_f, seed, f"FedCoLLM aligned KD LLM r{r}")
         budget = Budget(llm_steps=len(f_log.losses), slm_steps=len(g_log.losses),
                         llm_examples=round(d.epochs * len(wb.aux_data)), slm_examples=round(d.epochs * len(slm.public)))
-        return ({"kd_first": {"f": f_log.losses[0], "g": g_log.losses[0]},
-                 "kd_last": {"f": f_log.losses[-1], "g": g_log.losses[-1]},
-                 "aligned_fraction": {"llm": aligned_fraction(to_llm.aligned), "slm": aligned_fraction(to_slm.aligned)},
-                 "budget": budget},
+        aligned = {"llm": aligned_fraction(to_llm.aligned), "slm": aligned_fraction(to_slm.aligned)}
+        return (halves_record(f_log, g_log) | {"aligned_fraction": aligned, "budget": budget},
                 {"server_kd_s": f_log.seconds + g_log.seconds})

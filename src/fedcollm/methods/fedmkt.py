@@ -27,7 +27,6 @@ server. The logits describe D^a, which is public, but they are a function of the
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import replace
 
@@ -45,7 +44,7 @@ from fedcollm.alignment.exchange import PREFIX, TopK, from_tensors, to_tensors
 from fedcollm.alignment.sequence import SparseTargets, aligned_fraction
 from fedcollm.alignment.transfer import Sender, moved, row_targets, select_targets
 from fedcollm.comm import Payload
-from fedcollm.config import FedMKTConfig
+from fedcollm.config import FedMKTConfig, epoch_steps
 from fedcollm.data.batching import SFTData
 from fedcollm.errors import InvalidUpdate
 from fedcollm.evaluate import choice_logprobs
@@ -259,7 +258,7 @@ class FedMKT(Method):
                             f"FedMKT {name} distil r{r}", slm=True)
                 budget += Budget.slm_epochs(mkt.slm_epochs, len(wb.split.aux), mkt.batch_size)
             if mkt.pool_epochs:
-                steps = math.ceil(mkt.pool_epochs * len(wb.split.pool) / mkt.batch_size - 1e-9)
+                steps = epoch_steps(mkt.pool_epochs, len(wb.split.pool), mkt.batch_size)
                 choice_distill_steps(held.model, held.tokenizer, wb.split.pool, scores["pool"], steps, mkt.slm_lr,
                                      mkt.batch_size, mkt.slm_weight, mkt.slm_temp, seed + 1, max_len,
                                      f"FedMKT {name} pool r{r}")
