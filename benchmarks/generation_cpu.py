@@ -19,12 +19,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import bench_config, machine, run_benchmark  # benchmarks/ is the script's folder, on sys.path
+from common import (  # benchmarks/ is the script's folder, on sys.path
+    bench_config,
+    machine,
+    run_benchmark,
+)
 
 from fedcollm.config import Config
 from fedcollm.generation import generate, prompt_ids
 from fedcollm.runs import RunDir
-from fedcollm.stats import bootstrap_ci, bootstrap_ratio_ci, holm_intervals, paired_distribution
+from fedcollm.stats import (
+    bootstrap_ci,
+    bootstrap_ratio_ci,
+    holm_intervals,
+    paired_distribution,
+)
 
 HERE = Path(__file__).resolve().parent
 TEXT_METRICS = ("token_f1", "exact_match", "rouge_l")
@@ -42,7 +51,12 @@ def throughput(cfg: Config) -> dict:
 
     from fedcollm.data.tasks import load_scored_split
     from fedcollm.models.derive import resolve_model_dir
-    from fedcollm.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from fedcollm.models.loading import (
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
 
     torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
     task = cfg.data.tasks[0]

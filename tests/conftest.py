@@ -129,3 +129,39 @@ def patch_tiny_build(mp: pytest.MonkeyPatch, tokenizer) -> None:
 @pytest.fixture
 def tiny_build(monkeypatch, tokenizer):
     patch_tiny_build(monkeypatch, tokenizer)
+
+
+NOTES_TASK = """
+[tasks.notes]
+kind = "generation"
+path = "{path}"
+train_split = "train"
+eval_split = "test"
+context = "Request: {{request}}\\nDetails: {{details}}\\nReply:"
+context_without_optional = "Request: {{request}}\\nReply:"
+optional_fields = ["details"]
+response_field = "reply"
+references_field = "also"
+max_new_tokens = 8
+stop = ["\\n"]
+"""
+"""A prompt/response task declared only in TOML, as a user declares one (`write_notes_task` writes its rows)."""
+
+
+def write_rows(folder: Path, split: str, rows: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_notes_task(folder: Path, data_dir: str) -> str:
+    """Rows of the generation task `notes` (request/reply rows made from Alpaca rows past those any test's D^a
+    holds; every other row has the optional `details`) in `folder`, and its [tasks.notes] table."""
+    examples = load_train_split("alpaca", preset_tasks()["alpaca"], data_dir)[4000:4106]
+    rows = []
+    for i, ex in enumerate(examples):
+        row = {"id": f"n{i}", "request": ex.context.split("### Instruction:\n")[1].split("\n\n")[0],
+               "reply": ex.references[0][:80], "also": [ex.references[0][:20]]}
+        rows.append(row | ({"details": "urgent"} if i % 2 else {}))
+    write_rows(folder, "train", rows[:100])
+    write_rows(folder, "test", rows[100:])
+    return NOTES_TASK.format(path=folder.as_posix())

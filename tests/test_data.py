@@ -54,7 +54,7 @@ def test_a_task_without_validation_data_is_refused_by_name_when_tuning(data_dir)
 
 
 def test_presets_are_valid_task_configs_in_one_table():
-    assert set(PRESETS) == {"arc_easy", "arc_challenge", "openbookqa", "commonsenseqa"}
+    assert set(PRESETS) == {"arc_easy", "arc_challenge", "openbookqa", "commonsenseqa", "alpaca", "squad"}
     for name, spec in PRESETS.items():
         spec.validate(f"preset {name}")
     assert PRESETS["openbookqa"].context == "{question}"  # lm-evaluation-harness: bare stem

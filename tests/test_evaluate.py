@@ -13,7 +13,7 @@ def test_acc_and_acc_norm_follow_lm_eval():
     # sums: choice 1 wins on acc; per character ("aaaaaaa" = 7 chars vs "b" = 1) choice 0 wins on acc_norm
     ex = [_ex(0, ("aaaaaaa", "b"))]
     res = accuracy(ex, [[-5.0, -4.0]])
-    assert res == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    assert res == {"acc": 0.0, "acc_norm": 1.0, "n": 1, "metric": "acc", "score": 0.0}
 
 
 def test_acc_norm_divides_by_the_choice_text_not_the_continuation_with_its_space():

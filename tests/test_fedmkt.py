@@ -346,8 +346,7 @@ def test_two_rounds_with_clients_of_other_families_and_tokenizers(make_hetero_wo
     for c in ("client_0", "client_1"):  # each SLM is scored with its own tokenizer
         held = wb.held(c)
         load_adapter_state(held.model, states[c])
-        own = evaluate_tasks(held.model, held.tokenizer, wb.eval_sets, wb.cfg.model.max_length, 16, c,
-                             curve_items(wb.cfg))
+        own = evaluate_tasks(held.model, held.tokenizer, wb.eval_sets, wb.cfg, c, curve_items(wb.cfg))
         assert final["slm_clients"][c]["arc_easy"]["acc"] == own["arc_easy"]["acc"]
 
 

@@ -301,3 +301,30 @@ def test_secagg_with_distributed_dp_finishes_and_the_server_never_holds_the_nois
     assert residual.std().item() == pytest.approx(0.5 * 0.1 / 3, rel=0.15)
     saved = sorted(p.name for p in out.rglob("*.safetensors"))
     assert saved == sorted(p.name for p in noiseless.rglob("*.safetensors"))  # the released adapters only
+
+
+def test_a_generation_task_on_flower_equals_inprocess(tiny_setup, data_dir):
+    """Clients hold a prompt/response task declared in TOML, the server Alpaca as D^a: FedCoLLM on Flower ends
+    with the in-process adapters and the same generations."""
+    from conftest import write_notes_task
+
+    root, _, _ = tiny_setup
+    task = write_notes_task(root / "notes", data_dir)
+    config = root / "notes.toml"
+    config.write_text(tiny_toml(data_dir, data={"tasks": ["notes"], "aux_tasks": ["alpaca"], "train_per_task": 24,
+                                                "eval_limit": 4},
+                                model={"llm": str(root / "llm"), "slm": str(root / "slm")}) + task)
+    reference, out = root / "notes-inprocess", root / "notes-flower"
+    cli.dispatch(["run", "--config", str(config), "--out", str(reference)])
+    with LoopbackFederation(root / "deploy-notes", nodes=3) as fed:
+        run_id = fed.submit({"config": str(config), "out-dir": str(out), "timeout": 120.0})
+        assert fed.wait(run_id, timeout=600) == "finished:completed", fed.logs(run_id)[-3000:]
+    refs = {"llm": None, "slm": None}
+    ours, theirs = _final_adapters(out, refs), _final_adapters(reference, refs)
+    assert all(states_equal(ours[k], theirs[k]) for k in refs)
+    ours, theirs = ({w: {k: v for k, v in rows["fedcollm"]["notes"].items() if k != "tokens_per_s"}  # a timing
+                     for w, rows in json.loads((d / "results.json").read_text())["generation"].items()}
+                    for d in (out, reference))
+    assert ours == theirs and ours["slm"]["n"] == 4
+    written = [RunDir(d).read_final("fedcollm")["slm"]["notes"]["items"] for d in (out, reference)]
+    assert [i["generation"] for i in written[0]] == [i["generation"] for i in written[1]]

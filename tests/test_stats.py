@@ -72,3 +72,20 @@ def test_holm_tests_the_smallest_p_at_alpha_over_m_and_stops_at_the_first_failur
     assert [o["holm_alpha"] for o in out] == [0.05, 0.05 / 3, 0.05 / 2]
     assert [o["significant"] for o in out] == [False, True, False]
     assert out[2]["interval"][0] < 0 < np.percentile(edge, 2.5)  # its Holm interval is wider than the plain 95 %
+
+
+def test_ratio_interval_brackets_the_corpus_ratio_and_paired_distribution_centres_on_the_difference():
+    from fedcollm.stats import bootstrap_ratio_ci, paired_distribution
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, 20, 300).astype(float)
+    nll = tokens * rng.uniform(1.0, 3.0, 300)
+    lo, hi = bootstrap_ratio_ci(nll, tokens)
+    assert lo < nll.sum() / tokens.sum() < hi and hi - lo < 0.3
+    a, b = rng.uniform(0, 1, 400), rng.uniform(0, 1, 400)
+    dist = paired_distribution(a + 0.1, a)  # the same items shifted: no spread at all
+    assert np.allclose(dist, 0.1)
+    dist = paired_distribution(a, b)
+    assert abs(dist.mean() - (a - b).mean()) < 0.01
+    with pytest.raises(ValueError, match="same items"):
+        paired_distribution(a, b[:10])

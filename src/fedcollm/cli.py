@@ -176,9 +176,10 @@ def cmd_eval(args) -> None:
     if args.adapter:
         model = load_peft_adapter(model, Path(args.adapter))
     tokenizer = load_tokenizer(model_dir)
-    res = evaluate_tasks(model, tokenizer, sets, cfg.model.max_length, cfg.run.eval_batch_size, args.model)
+    res = evaluate_tasks(model, tokenizer, sets, cfg, args.model)
     for task, m in res.items():
-        print(f"{task:15s} acc {m['acc']:.4f}  acc_norm {m['acc_norm']:.4f}  (n={m['n']})")
+        shown = ("acc", "acc_norm") if m["metric"] == "acc" else cfg.task_specs([task])[task].metrics
+        print(f"{task:15s} " + "  ".join(f"{k} {m[k]:.4f}" for k in shown) + f"  (n={m['n']})")
 
 
 def load_peft_adapter(model, folder: Path):
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=10, help="decoder layers to keep")
     p.set_defaults(func=cmd_derive)
 
-    p = sub.add_parser("eval", help="zero-shot multiple-choice accuracy of one model (optionally + adapter)")
+    p = sub.add_parser("eval", help="scores of one model (optionally + adapter) on the config's tasks: accuracy, or generation metrics")
     common(p)
     p.add_argument("model", help="registry name, derived:BASE:N, HF dir or .gguf")
     p.add_argument("--adapter", help="peft adapter directory (e.g. RUN/fedcollm/round_002/slm)")

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, get_type_hints
 
 from fedcollm.errors import ConfigError
 
+WHITESPACE_ALLOWED = (".stop",)  # fields whose strings may be whitespace alone (a newline ends an answer)
 METHODS = ("zero_shot", "standalone", "fedavg", "centralized", "fedcollm", "fedmkt")
 AGGREGATORS = ("fedavg", "median", "trimmed_mean", "krum")
 
@@ -70,44 +71,90 @@ def template_fields(template: str, where: str) -> list[str]:
 
 @dataclass
 class TaskConfig:
-    """One multiple-choice task: where its rows are, which splits train and evaluate, how prompts are built."""
+    """One task: where its rows are, which splits train and evaluate, how prompts are built. A choice task scores
+    each choice's log-likelihood; a generation task trains on a response and scores what a model writes."""
 
     path: str = ""
     """Rows: a folder of <split>.jsonl files (absolute, or relative to data.data_dir, falling back to the bundled data), or `hf:ID` for a Hugging Face `datasets` id or a local `save_to_disk` folder."""
+    kind: str = "choice"
+    """choice (multiple choice: a list of choices and the gold one's index) or generation (prompt/response rows: trained on the response tokens, scored by `metrics` on what the model generates)."""
     train_split: str | None = None
     """Split whose rows are federated (client shards + D^a); unset = evaluation-only task."""
     eval_split: str = "test"
-    """Split scored for every reported accuracy."""
+    """Split scored for every reported figure."""
     validation_split: str | None = None
     """Split scored instead when data.scored = "validation" (choosing hyperparameters without the test items)."""
     validation_holdout: int = 0
     """For a task without a separate validation split: its last N train rows are the validation set and are never trained on, in any run."""
     context: str = "Question: {question}\nAnswer:"
-    """Prompt before each choice; {name} is replaced by the row's field `name` (any string field)."""
-    continuation: str = " {choice}"
-    """Scored continuation; {choice} is one choice's text (other row fields allowed too)."""
+    """Prompt; {name} is replaced by the row's field `name` (any string field)."""
+    continuation: str | None = None
+    """What follows the prompt: for choice tasks the scored choice, with {choice} once (default " {choice}"); for generation tasks the trained response, with {response} once (default " {response}"). Other row fields allowed too."""
+    optional_fields: list[str] = field(default_factory=list)
+    """Template fields a row may leave out or leave empty (Alpaca's input); they render as empty text."""
+    context_without_optional: str | None = None
+    """Prompt used instead of `context` when a row leaves an optional field empty (Alpaca's prompt without input); unset = `context` with the field empty."""
+    chat_template: bool = False
+    """Generation tasks: wrap the prompt as a user turn (and the response as the assistant's) with each model's own tokenizer chat template; a tokenizer without one is refused."""
+    response_field: str = "response"
+    """Generation tasks: row field holding the reference response (trained on, and scored against)."""
+    references_field: str | None = None
+    """Generation tasks: row field listing further acceptable references (e.g. SQuAD's answers), which a row may leave out; each metric takes its best over the response and these."""
+    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "token_f1", "exact_match", "perplexity"])
+    """Generation tasks: what is scored, the first being the headline score: rouge_l (ROUGE-L F, rouge-score with stemming), token_f1 and exact_match (SQuAD's normalisation: lower case, no punctuation or articles), perplexity (of the reference response, no generation needed)."""
+    max_new_tokens: int = 64
+    """Generation tasks: most tokens generated per prompt (an end-of-text token or a stop sequence ends earlier)."""
+    stop: list[str] = field(default_factory=list)
+    """Generation tasks: texts that end a generation (cut before the first one), besides the tokenizer's end-of-text."""
     choices_field: str = "choices"
-    """Row field holding the list of choice texts (dotted path for nested rows, e.g. choices.text)."""
+    """Choice tasks: row field holding the list of choice texts (dotted path for nested rows, e.g. choices.text)."""
     answer_field: str = "answer"
-    """Row field holding the gold answer: a 0-based index, or a label found in labels_field."""
+    """Choice tasks: row field holding the gold answer: a 0-based index, or a label found in labels_field."""
     labels_field: str = "labels"
-    """Row field holding the choice labels (e.g. A-D), used only when the answer is a label string."""
+    """Choice tasks: row field holding the choice labels (e.g. A-D), used only when the answer is a label string."""
     id_field: str = "id"
     """Row field holding a unique example id (duplicates within a split are refused)."""
     subset: str | None = None
     """Dataset configuration name for `hf:` sources (e.g. ARC-Easy); unset otherwise."""
     duplicate_choices: str = "error"
-    """A row with two identical choice texts: error (refuse the file) or warn (keep it, log the count)."""
+    """Choice tasks: a row with two identical choice texts: error (refuse the file) or warn (keep it, log the count)."""
+    empty_responses: str = "error"
+    """Generation tasks: a row whose response is empty or only whitespace: error (refuse the file, naming the row) or skip (drop it, log the count and the first)."""
+
+    GENERATION_METRICS: ClassVar[tuple[str, ...]] = ("rouge_l", "token_f1", "exact_match", "perplexity")
+
+    def __post_init__(self) -> None:
+        if self.continuation is None:
+            self.continuation = " {response}" if self.kind == "generation" else " {choice}"
+
+    @property
+    def generative(self) -> bool:
+        return self.kind == "generation"
+
+    @property
+    def slot(self) -> str:
+        """The continuation's own placeholder: the choice or the response."""
+        return "response" if self.generative else "choice"
 
     def validate(self, where: str) -> None:
         _check(bool(self.path.strip()), f"{where}.path", "must name a folder or hf:ID")
+        _check(self.kind in ("choice", "generation"), f"{where}.kind", "choice or generation")
         _check(self.train_split is None or self.train_split != self.eval_split, f"{where}.train_split",
                f"is the evaluation split {self.eval_split!r}: training on the items you score is refused")
         ctx = template_fields(self.context, f"{where}.context")
         cont = template_fields(self.continuation, f"{where}.continuation")
-        _check("choice" not in ctx, f"{where}.context", "must not use {choice}: each choice goes in the continuation")
-        _check(cont.count("choice") == 1, f"{where}.continuation", "must contain {choice} exactly once")
+        _check(self.slot not in ctx, f"{where}.context",
+               f"must not use {{{self.slot}}}: it goes in the continuation")
+        _check(cont.count(self.slot) == 1, f"{where}.continuation", f"must contain {{{self.slot}}} exactly once")
+        if self.context_without_optional is not None:
+            short = template_fields(self.context_without_optional, f"{where}.context_without_optional")
+            _check(bool(self.optional_fields), f"{where}.context_without_optional", "needs optional_fields")
+            _check(not set(short) & set(self.optional_fields) and self.slot not in short,
+                   f"{where}.context_without_optional", "must not use the optional fields or the continuation's")
+        unused = sorted(set(self.optional_fields) - set(ctx + cont))
+        _check(not unused, f"{where}.optional_fields", f"{', '.join(unused)} appear in no template")
         _check(self.duplicate_choices in ("error", "warn"), f"{where}.duplicate_choices", "error or warn")
+        _check(self.empty_responses in ("error", "skip"), f"{where}.empty_responses", "error or skip")
         _check(self.validation_holdout >= 0, f"{where}.validation_holdout", "must be >= 0")
         _check(not (self.validation_split and self.validation_holdout), f"{where}.validation_holdout",
                "set either validation_split or validation_holdout, not both")
@@ -117,12 +164,18 @@ class TaskConfig:
                f"{where}.validation_split",
                "must differ from train_split and eval_split: validation items are neither trained on nor reported")
         _check(self.subset is None or self.path.startswith("hf:"), f"{where}.subset", "applies only to hf: sources")
+        _check(bool(self.metrics) and set(self.metrics) <= set(self.GENERATION_METRICS)
+               and len(set(self.metrics)) == len(self.metrics), f"{where}.metrics",
+               f"one or more of {', '.join(self.GENERATION_METRICS)}, each once")
+        _check(self.max_new_tokens >= 1, f"{where}.max_new_tokens", "must be >= 1")
+        _check(all(isinstance(s, str) and s for s in self.stop), f"{where}.stop", "must list non-empty texts")
+        _check(self.generative or not self.chat_template, f"{where}.chat_template", "applies to generation tasks")
 
     @property
     def template_fields(self) -> list[str]:
-        """Row fields the templates read (besides the choice)."""
+        """Row fields the templates read (besides the choice or the response)."""
         names = template_fields(self.context, "context") + template_fields(self.continuation, "continuation")
-        return list(dict.fromkeys(n for n in names if n != "choice"))
+        return list(dict.fromkeys(n for n in names if n != self.slot))
 
 
 @cache
@@ -515,7 +568,13 @@ class RunConfig:
     round_eval_limit: int | None = None
     """Items per task behind every point of the per-round curves (the same first N items each round, at most data.eval_limit); None = data.eval_limit."""
     eval_batch_size: int = 32
-    """Items per forward pass during evaluation (one sequence each: the context, then every choice)."""
+    """Items per forward pass during evaluation (one sequence each: the context, then every choice), and prompts per `generate` call."""
+    decoding: str = "greedy"
+    """How generation tasks are decoded: greedy, or sample (at sample_temperature and sample_top_p, seeded by run.seed)."""
+    sample_temperature: float = 0.7
+    """Softmax temperature when run.decoding = sample."""
+    sample_top_p: float = 0.95
+    """Nucleus (top-p) share when run.decoding = sample."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
 
@@ -528,6 +587,9 @@ class RunConfig:
         _check(self.round_eval_limit is None or self.round_eval_limit > 0, "run.round_eval_limit",
                "must be > 0 (or none)")
         _check(self.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
+        _check(self.decoding in ("greedy", "sample"), "run.decoding", "greedy or sample")
+        _check(self.sample_temperature > 0, "run.sample_temperature", "must be > 0")
+        _check(0 < self.sample_top_p <= 1, "run.sample_top_p", "must be in (0, 1]")
         _check(self.threads >= 0, "run.threads", "must be >= 0")
 
 
@@ -609,10 +671,23 @@ class Config:
                    "needs an unlabelled pool: set data.public_pool")
         for name in self.data.aux_tasks:
             _check(known[name].train_split is not None, "data.aux_tasks", f"task {name!r} has no train split to be D^a")
+        self._check_generation_tasks(known)
         for name in self.data.tasks:
             _check(known[name].train_split is not None, "data.tasks",
                    f"task {name!r} has no train split (evaluation-only): set tasks.{name}.train_split or move it "
                    f"to data.eval_tasks")
+
+    def _check_generation_tasks(self, known: dict[str, TaskConfig]) -> None:
+        """What needs choices refuses generation tasks: the choice-level channels and the unlabelled pool."""
+        d = self.data
+        generative = sorted({n for n in d.tasks + d.eval_tasks + d.aux_tasks if known[n].generative})
+        if not generative:
+            return
+        named = f"generation task(s) {', '.join(generative)}"
+        for section in ("distill", "fedmkt"):
+            _check(getattr(self, section).target == "tokens", f"{section}.target",
+                   f"choices needs every task to have choices, but {named} have none: use tokens")
+        _check(not d.public_pool, "data.public_pool", f"the pool is distilled over choices, which {named} lack")
 
     def _check_secagg_ranges(self, sampled: float) -> None:
         """No sum can wrap: the modulus must exceed clients x quantization_range (every client may contribute, and
@@ -748,7 +823,7 @@ def _coerce(value: Any, hint: Any, where: str, unique: bool = True) -> Any:
     if hint is float:
         _check(math.isfinite(value), where, f"must be a finite number, got {value!r}")
     if hint is str:
-        _check(bool(value.strip()), where, "must not be empty")
+        _check(bool(value.strip()) or (value and where.endswith(WHITESPACE_ALLOWED)), where, "must not be empty")
     return value
 
 

@@ -1,4 +1,5 @@
-"""Zero-shot multiple-choice accuracy scored as lm-evaluation-harness does.
+"""Scoring of every task: multiple-choice accuracy as lm-evaluation-harness computes it (here), generation tasks by
+what the model writes (`fedcollm.generation`).
 
 Each choice is scored by the summed log-probability of its continuation tokens given the context.
 acc picks the highest sum; acc_norm divides each sum by the length in characters of the choice text first:
@@ -11,8 +12,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from fedcollm.config import Config
 from fedcollm.data.batching import encode_pair
-from fedcollm.data.tasks import MCExample
+from fedcollm.data.tasks import Example, MCExample
+from fedcollm.generation import Decoding, evaluate_generation
 
 
 def _requests(tokenizer, ex: MCExample, max_length: int) -> tuple[list[int], list[list[int]]]:
@@ -130,19 +133,33 @@ def accuracy(examples: list[MCExample], scores: list[list[float]], items: bool =
         correct.append(max(range(len(sc)), key=sc.__getitem__) == ex.answer)
         correct_norm.append(max(range(len(norm)), key=norm.__getitem__) == ex.answer)
     n = len(examples)
-    out = {"acc": sum(correct) / n, "acc_norm": sum(correct_norm) / n, "n": n}
+    out = {"acc": sum(correct) / n, "acc_norm": sum(correct_norm) / n, "n": n, "metric": "acc",
+           "score": sum(correct) / n}
     if items:
         out |= {"correct": "".join("01"[c] for c in correct), "correct_norm": "".join("01"[c] for c in correct_norm)}
     return out
 
 
-def evaluate_tasks(model, tokenizer, tasks: dict[str, list[MCExample]], max_length: int, batch_size: int,
-                   label: str = "", curve_items: int | None = None) -> dict[str, dict]:
-    """Accuracy per task with the items it got right, and under "curve" the accuracy on its first `curve_items`
-    items (None = all), so every point of a per-round curve is read on the same items (evaluation sets are
-    prefixes of a split)."""
+def decoding(cfg: Config) -> Decoding:
+    """How generation tasks are decoded in this run (run.decoding), seeded by run.seed."""
+    run = cfg.run
+    return Decoding(run.decoding == "sample", run.sample_temperature, run.sample_top_p, run.seed)
+
+
+def evaluate_tasks(model, tokenizer, tasks: dict[str, list[Example]], cfg: Config, label: str = "",
+                   curve_items: int | None = None) -> dict[str, dict]:
+    """Each task's scores with its items (a choice task's acc and acc_norm with the items it got right, a generation
+    task's metrics with every item's generation; "score" names the headline under "metric"), and under "curve" the
+    same on its first `curve_items` items (None = all), so every point of a per-round curve is read on the same
+    items (evaluation sets are prefixes of a split)."""
     out = {}
+    specs = cfg.task_specs(list(tasks))
+    max_length, batch_size = cfg.model.max_length, cfg.run.eval_batch_size
     for task, exs in tasks.items():
+        if specs[task].generative:
+            out[task] = evaluate_generation(model, tokenizer, exs, specs[task], max_length, batch_size, decoding(cfg),
+                                            f"{label} {task}", curve_items)
+            continue
         scores = choice_logprobs(model, tokenizer, exs, max_length, batch_size, f"eval {label} {task}")
         out[task] = accuracy(exs, scores, items=True)
         out[task]["curve"] = accuracy(exs[:curve_items], scores[:curve_items])

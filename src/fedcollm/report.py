@@ -1,4 +1,5 @@
-"""Turn a run directory into results.json, paper-style tables (results.md) and a per-round accuracy plot."""
+"""Turn a run directory into results.json, paper-style tables (results.md) and a per-round accuracy plot: accuracy
+tables for the choice tasks, per-metric tables and side-by-side generations for the generation tasks."""
 
 from __future__ import annotations
 
@@ -22,15 +23,67 @@ TIMING_KEYS = ("round_s", "client_train_s", "aggregate_s", "server_kd_s", "eval_
 
 
 def _metric(final: dict, which: str, metric: str) -> dict[str, float]:
-    return {task: m[metric] for task, m in final.get(which, {}).items()}
+    return {task: m[metric] for task, m in final.get(which, {}).items() if metric in m}
+
+
+def _preset_kind(task: str) -> str:
+    from fedcollm.config import preset_tasks
+
+    return preset_tasks()[task].kind if task in preset_tasks() else "choice"
+
+
+GENERATION_FIELDS = ("rouge_l", "token_f1", "exact_match", "perplexity", "nll_per_token", "n")
+SAMPLES = 3  # items per generation task shown side by side in results.md
+
+
+def generation_results(finals: dict[str, dict], tasks: list[str]) -> dict:
+    """Per model, method and generation task: its metrics and generation speed (tokens per second)."""
+    out: dict = {}
+    for which in ("llm", "slm"):
+        for m, final in finals.items():
+            for task in tasks:
+                block = final.get(which, {}).get(task)
+                if block:
+                    row = {k: block[k] for k in GENERATION_FIELDS if k in block}
+                    if "generation" in block:
+                        row["tokens_per_s"] = block["generation"]["tokens_per_s"]
+                    out.setdefault(which, {}).setdefault(m, {})[task] = row
+    return out
+
+
+def generation_samples(finals: dict[str, dict], tasks: list[str], count: int = SAMPLES) -> dict:
+    """The first `count` items of each generation task: prompt, reference and what every model wrote."""
+    out: dict = {}
+    for task in tasks:
+        items: list[dict] = []
+        for m, final in finals.items():
+            clients = final.get("slm_clients", {})  # per-client SLMs: the mean has no items; show client 0's
+            models = {"llm": final.get("llm", {})} | ({"slm client_0": clients["client_0"]} if clients else
+                                                      {"slm": final.get("slm", {})})
+            for which, blocks in models.items():
+                for i, item in enumerate(blocks.get(task, {}).get("items", [])[:count]):
+                    if "generation" not in item:
+                        continue
+                    if len(items) <= i:
+                        items.append({k: item[k] for k in ("id", "prompt", "reference")} | {"written": {}})
+                    items[i]["written"][f"{m} {which}"] = item["generation"]
+        if items:
+            out[task] = items
+    return out
 
 
 def build_results(run: RunDir, setting: dict, communication: dict, extra_timing: dict | None = None) -> dict:
     cfg = run.read_config()
-    tasks = cfg["data"]["tasks"] + cfg["data"]["eval_tasks"]
+    everything = cfg["data"]["tasks"] + cfg["data"]["eval_tasks"]
+    kinds = {t: cfg.get("tasks", {}).get(t, {}).get("kind") or _preset_kind(t) for t in everything}
+    tasks = [t for t in everything if kinds[t] != "generation"]
+    generative = [t for t in everything if kinds[t] == "generation"]
     finals = {m: run.read_final(m) for m in cfg["run"]["methods"]}
     finals = {m: f for m, f in finals.items() if f is not None}
     results: dict = {"setting": setting, "tasks": tasks, "llm": {}, "slm": {}, "acc_norm": {"llm": {}, "slm": {}}}
+    if generative:
+        results |= {"generation_tasks": generative, "generation": generation_results(finals, generative),
+                    "samples": generation_samples(finals, generative)}
     for which, rows in (("llm", LLM_ROWS), ("slm", SLM_ROWS)):
         for m in rows:
             if m in finals and which in finals[m]:
@@ -41,7 +94,7 @@ def build_results(run: RunDir, setting: dict, communication: dict, extra_timing:
                                              for c, f in finals["standalone"]["slm_clients"].items()}
     any_final = next(iter(finals.values()), {})
     any_block = next(iter(any_final.values()), {}) if any_final else {}
-    results["n_eval"] = {t: any_block[t]["n"] for t in tasks if t in any_block}
+    results["n_eval"] = {t: any_block[t]["n"] for t in everything if t in any_block}
     results["budget"] = {m: training_budget(run, m) for m in finals}
     results["communication"] = communication
     results["timing"] = round_timing(run, "fedcollm" if "fedcollm" in finals else None) | (extra_timing or {})
@@ -107,16 +160,13 @@ def _verdicts(results: dict, which: str, rows: tuple[str, ...]) -> list[str]:
     return out
 
 
-def to_markdown(results: dict) -> str:
+def accuracy_markdown(results: dict) -> list[str]:
+    """Tables 1 and 2: the choice tasks' accuracy by method, with FedCoLLM's verdicts and acc_norm."""
     tasks = results["tasks"]
-    s = results["setting"]
     head = "| method | " + " | ".join(tasks) + " | avg |\n|---|" + "---|" * (len(tasks) + 1)
     n = ", ".join(f"{t} {results['n_eval'].get(t, '?')}" for t in tasks)
-    lines = [f"# Results: LLM {s.get('llm')} / SLM {s.get('slm')}",
-             "",
-             f"{s.get('clients')} clients, {s.get('rounds')} rounds, seed {s.get('seed')}. Zero-shot accuracy (%, "
-             f"lm-evaluation-harness `acc`) on the first N items of each task's evaluation split: N = {n}.",
-             "", "## Table 1: server LLM", "", head]
+    lines = [f"Zero-shot accuracy (%, lm-evaluation-harness `acc`) on the first N items of each task's evaluation "
+             f"split: N = {n}.", "", "## Table 1: server LLM", "", head]
     lines += [f"| {NAMES[m]} | {_row(v, tasks)} |" for m, v in results["llm"].items()]
     lines += ["", "## Table 2: client SLMs (FedAvg/FedCoLLM: the broadcast adapter every client holds; Standalone: "
               "mean over clients)", "", head]
@@ -130,6 +180,16 @@ def to_markdown(results: dict) -> str:
         if norm:
             lines += ["", f"acc_norm ({which.upper()}):", "", head]
             lines += [f"| {NAMES[m]} | {_row(v, tasks)} |" for m, v in norm.items()]
+    return lines
+
+
+def to_markdown(results: dict) -> str:
+    s = results["setting"]
+    lines = [f"# Results: LLM {s.get('llm')} / SLM {s.get('slm')}", "",
+             f"{s.get('clients')} clients, {s.get('rounds')} rounds, seed {s.get('seed')}."]
+    if results["tasks"]:
+        lines += accuracy_markdown(results)
+    lines += generation_markdown(results)
     c = results.get("communication", {})
     if c:
         lines += ["", "## Table 3: communication per round", "",
@@ -143,6 +203,27 @@ def to_markdown(results: dict) -> str:
                   "|" + "---|" * len(t), "| " + " | ".join(f"{v:.3f}" for v in t.values()) + " |"]
     lines += ["", "Setting: `" + json.dumps(s) + "`", ""]
     return "\n".join(lines)
+
+
+def generation_markdown(results: dict) -> list[str]:
+    """Per generation task, a table of every metric by method and model, then a few generations side by side."""
+    lines: list[str] = []
+    for task in results.get("generation_tasks", []):
+        lines += ["", f"## Generation task {task} (N = {results['n_eval'].get(task, '?')})", "",
+                  "| method | model | ROUGE-L | token F1 | exact match | perplexity | tokens/s |", "|---|---|---|---|---|---|---|"]
+        for which in ("llm", "slm"):
+            for m, row in results["generation"].get(which, {}).items():
+                r = row.get(task)
+                if r:
+                    pct = [f"{100 * r[k]:.1f}" if k in r else "–" for k in ("rouge_l", "token_f1", "exact_match")]
+                    ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "–"
+                    speed = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "–"
+                    lines.append(f"| {NAMES[m]} | {which.upper()} | " + " | ".join(pct + [ppl, speed]) + " |")
+        for item in results.get("samples", {}).get(task, []):
+            lines += ["", f"**{task} {item['id']}**", "", "```", item["prompt"].strip()[-400:], "```",
+                      f"- reference: {item['reference']!r}"]
+            lines += [f"- {who}: {text!r}" for who, text in item["written"].items()]
+    return lines
 
 
 def _curve_points(records: list[dict], which: str, tasks: list[str]) -> dict[int, list[tuple[int, float]]]:
@@ -159,7 +240,8 @@ def _curve_points(records: list[dict], which: str, tasks: list[str]) -> dict[int
             continue
         cells = [block[t].get("curve", block[t]) for t in tasks]
         n = cells[0]["n"]
-        groups.setdefault(n, []).append((r["round"], 100 * sum(c["acc"] for c in cells) / len(cells)))
+        score = sum(c.get("score", c.get("acc", 0.0)) for c in cells) / len(cells)  # "acc": older runs
+        groups.setdefault(n, []).append((r["round"], 100 * score))
     return groups
 
 
@@ -169,7 +251,7 @@ def plot_rounds(run: RunDir, results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = results["tasks"]
+    tasks = results["tasks"] or results.get("generation_tasks", [])
     zero_shot = run.read_final("zero_shot") or {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
     sizes: set[int] = set()
@@ -182,10 +264,10 @@ def plot_rounds(run: RunDir, results: dict, path: Path) -> None:
                 pts = start.get(n, []) + pts  # round 0 = the untrained model, on the same items
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{NAMES[method]} (N={n})")
                 sizes.add(n)
-        ax.set_title(f"{which.upper()} mean accuracy over {len(tasks)} task(s)")
+        ax.set_title(f"{which.upper()} mean {'accuracy' if results['tasks'] else 'score'} over {len(tasks)} task(s)")
         ax.set_xlabel("round")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_ylabel("acc (%)")
+        ax.set_ylabel("acc (%)" if results["tasks"] else "headline metric (x100)")
         if ax.lines:
             ax.legend(fontsize=8)
     note = ("every point of a line is on the same first N items per task" if len(sizes) <= 1 else

@@ -31,6 +31,25 @@ def bootstrap_ci(outcomes: np.ndarray, resamples: int = 10_000, seed: int = 0) -
     return float(lo), float(hi)
 
 
+def bootstrap_ratio_ci(numerator: np.ndarray, denominator: np.ndarray, resamples: int = 10_000,
+                       seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of sum(numerator) / sum(denominator) over resampled items: a corpus-level ratio
+    such as the mean token NLL (summed NLL over summed tokens), whose exponent is perplexity."""
+    num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(num), size=(resamples, len(num)))
+    lo, hi = np.percentile(num[idx].sum(1) / den[idx].sum(1), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_distribution(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0) -> np.ndarray:
+    """Bootstrap distribution of the mean of a - b over resampled items (paired: an item keeps both scores), as
+    `holm_intervals` takes it, for scores that are not counts (token F1, NLL)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired comparison needs the same items, got {a.shape} and {b.shape}")
+    return _resampled_means(a - b, resamples, seed)
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 10_000,
                       seed: int = 0) -> tuple[float, tuple[float, float], bool]:
     """Mean accuracy of a minus b on the same items, its paired-bootstrap 95 % interval, and whether that

@@ -21,14 +21,14 @@ from fedcollm.data.partition import (
     public_set,
     unlabelled_pool,
 )
-from fedcollm.data.tasks import MCExample, load_scored_split
+from fedcollm.data.tasks import Example, load_scored_split
 from fedcollm.errors import ConfigError, ModelError
 from fedcollm.models.lora import AdapterState, adapter_state, add_lora
 
 log = logging.getLogger(__name__)
 
 
-def load_data(cfg: Config, clients: bool = True) -> tuple[FederatedSplit, dict[str, list[MCExample]]]:
+def load_data(cfg: Config, clients: bool = True) -> tuple[FederatedSplit, dict[str, list[Example]]]:
     """The federated split of the trained tasks and the evaluation items of every task, all validated.
 
     Without `clients` (a Flower server, whose clients hold their own rows): D^a and the evaluation items only,
@@ -89,7 +89,7 @@ class Workbench:
     split: FederatedSplit
     client_data: list[SFTData]  # each shard in its client's tokenizer; none on a Flower server
     aux_data: SFTData  # D^a in the LLM's tokenizer
-    eval_sets: dict[str, list[MCExample]]
+    eval_sets: dict[str, list[Example]]
     llm_init: AdapterState
     slms: dict[str, LoadedModel]  # by model spec: model.slm and every model.client_slms entry, each loaded once
     llm_name: str = ""
@@ -114,7 +114,7 @@ class Workbench:
 
     @classmethod
     def from_models(cls, cfg: Config, llm, slm, tokenizer, llm_name: str = "", slm_name: str = "",
-                    data: tuple[FederatedSplit, dict[str, list[MCExample]]] | None = None, slm_tokenizer=None,
+                    data: tuple[FederatedSplit, dict[str, list[Example]]] | None = None, slm_tokenizer=None,
                     client_slms: dict[str, tuple[torch.nn.Module, object]] | None = None) -> "Workbench":
         """`slm` is model.slm (with `slm_tokenizer`, default the LLM's `tokenizer`); `client_slms` holds the model
         and tokenizer of every other name in model.client_slms. A model that uses the LLM's tokenizer object

@@ -1,4 +1,5 @@
-"""Turn (context, continuation) pairs into left-padded token batches that score only answer tokens.
+"""Turn (context, continuation) pairs into left-padded token batches that score only answer tokens (a choice
+task's gold continuation, a generation task's response and its end).
 
 Left padding puts every continuation at the end of its row, so the model's `logits_to_keep` computes the
 vocabulary projection only for the answer positions: the same batch serves SFT (CE on the answer), the
@@ -8,13 +9,17 @@ Tokenization follows lm-evaluation-harness: continuation tokens = enc(context + 
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fedcollm.data.tasks import MCExample
+from fedcollm.data.tasks import Example, GenExample
+from fedcollm.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +49,51 @@ def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> 
         whole, n_cont = ctx + cont, len(cont)
     n_cont = min(n_cont, max_length - 1)
     return whole[-max_length:], n_cont
+
+
+def encode_response(tokenizer, ex: GenExample, max_length: int) -> tuple[list[int], int]:
+    """Token ids of a generation example's prompt and response, and the response's token count. The response ends
+    as a model should learn to stop: the chat template's end of turn, or else the tokenizer's end-of-text token.
+    Over max_length, the prompt keeps at most half of it (cut from the left, as prompts are everywhere) and the
+    response the rest (cut from the right, so its start still follows its prompt, and then without the end)."""
+    context, response = prompt_text(tokenizer, ex), ex.target
+    eos = []
+    if ex.chat:
+        whole = apply_chat(tokenizer, ex, ex.target)
+        if whole.startswith(context):
+            response = whole[len(context):]
+    elif tokenizer.eos_token_id is not None:
+        eos = [tokenizer.eos_token_id]
+    ids, n = encode_pair(tokenizer, context, response, 1 << 30)
+    prompt, answer = ids[:len(ids) - n], ids[len(ids) - n:] + eos
+    if len(prompt) + len(answer) > max_length:
+        answer = answer[:max_length - min(len(prompt), max_length // 2)]
+        prompt = prompt[len(prompt) - (max_length - len(answer)):]
+    return prompt + answer, len(answer)
+
+
+def apply_chat(tokenizer, ex: GenExample, response: str | None = None) -> str:
+    """The example's prompt as a user turn in the tokenizer's chat template, ready for the assistant's answer, or
+    with `response` the whole exchange."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"task {ex.task!r}: chat_template = true, but tokenizer {tokenizer.name_or_path!r} has no "
+                        f"chat template")
+    turns = [{"role": "user", "content": ex.context}]
+    if response is None:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}], tokenize=False)
+
+
+def prompt_text(tokenizer, ex: Example) -> str:
+    """The text a model is given before its answer: the context, or for chat tasks the templated user turn."""
+    return apply_chat(tokenizer, ex) if isinstance(ex, GenExample) and ex.chat else ex.context
+
+
+def encode_example(tokenizer, ex: Example, max_length: int) -> tuple[list[int], int]:
+    """(token ids, count of trained tokens at the end) of what an example trains on."""
+    if isinstance(ex, GenExample):
+        return encode_response(tokenizer, ex, max_length)
+    return encode_pair(tokenizer, ex.context, ex.target, max_length)
 
 
 def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> AnswerBatch:
@@ -88,9 +138,14 @@ def answer_logits(model, batch: AnswerBatch) -> torch.Tensor:
 class SFTData:
     """Pre-tokenized (question, gold answer) pairs of one shard; yields seeded shuffled AnswerBatches."""
 
-    def __init__(self, examples: list[MCExample], tokenizer, max_length: int):
+    def __init__(self, examples: list[Example], tokenizer, max_length: int):
         self.examples = examples
-        self.encoded = [encode_pair(tokenizer, ex.context, ex.continuations[ex.answer], max_length) for ex in examples]
+        self.encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
+        cut = [ex for ex, (ids, _) in zip(examples, self.encoded) if isinstance(ex, GenExample) and len(ids) >= max_length]
+        if cut:
+            log.warning("%d of %d prompt/response examples fill model.max_length = %d (first: task %r, id %r): cut "
+                        "to fit, the prompt from the left, the response (where it needs more than half) at its end",
+                        len(cut), len(examples), max_length, cut[0].task, cut[0].id)
         self.pad_id = tokenizer.pad_token_id
 
     def __len__(self) -> int:

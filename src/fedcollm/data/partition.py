@@ -9,15 +9,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from fedcollm.config import DataConfig, TaskConfig
-from fedcollm.data.tasks import MCExample, load_train_split
+from fedcollm.data.tasks import Example, load_train_split
 from fedcollm.errors import ConfigError
 
 
 @dataclass
 class FederatedSplit:
-    aux: list[MCExample]
-    clients: list[list[MCExample]]
-    pool: list[MCExample] = field(default_factory=list)  # the server's unlabelled questions (unlabelled_pool)
+    aux: list[Example]
+    clients: list[list[Example]]
+    pool: list[Example] = field(default_factory=list)  # the server's unlabelled questions (unlabelled_pool)
 
     def describe(self) -> str:
         if not self.clients:
@@ -28,7 +28,7 @@ class FederatedSplit:
 
 
 def _shuffled_train(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int,
-                    tasks: list[str] | None) -> dict[str, list[MCExample]]:
+                    tasks: list[str] | None) -> dict[str, list[Example]]:
     """Each named task's (default: data.tasks) trainable rows, shuffled by one seeded generator, task by task."""
     rng = random.Random(seed)
     shuffled = {}
@@ -39,13 +39,13 @@ def _shuffled_train(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int,
 
 
 def load_train_pool(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int,
-                    tasks: list[str] | None = None) -> dict[str, list[MCExample]]:
+                    tasks: list[str] | None = None) -> dict[str, list[Example]]:
     """Each named task's (default: data.tasks) train split, shuffled (seeded) and cut to data.train_per_task."""
     return {task: examples[:cfg.train_per_task] if cfg.train_per_task else examples
             for task, examples in _shuffled_train(specs, cfg, seed, tasks).items()}
 
 
-def unlabelled_pool(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int) -> list[MCExample]:
+def unlabelled_pool(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int) -> list[Example]:
     """The server's unlabelled public pool: per task of data.tasks, up to data.public_pool of the train rows past
     data.train_per_task (rows no client shard, D^a or validation holdout holds), with their answers removed
     (answer = -1). Distillation uses them through soft targets only."""
@@ -58,7 +58,7 @@ def unlabelled_pool(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int) ->
     return pool
 
 
-def public_set(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int) -> list[MCExample]:
+def public_set(specs: dict[str, TaskConfig], cfg: DataConfig, seed: int) -> list[Example]:
     """D^a declared apart (data.aux_tasks): those tasks' train rows, shuffled with a generator of its own, so
     that the clients' shards do not depend on it and a server builds it without opening a client task's file."""
     aux = [ex for examples in load_train_pool(specs, cfg, seed, cfg.aux_tasks).values() for ex in examples]
@@ -72,7 +72,7 @@ def _even_chunks(items: list, n: int) -> list[list]:
     return [items[i::n] for i in range(n)]
 
 
-def partition(pool: dict[str, list[MCExample]], n_clients: int, cfg: DataConfig, seed: int) -> FederatedSplit:
+def partition(pool: dict[str, list[Example]], n_clients: int, cfg: DataConfig, seed: int) -> FederatedSplit:
     """D^a cut from `pool` by data.aux_fraction and the client shards of the rest; with data.aux_tasks the
     shards share out all of `pool` and D^a is left empty here (see public_set)."""
     rng = random.Random(seed + 1)
@@ -82,7 +82,7 @@ def partition(pool: dict[str, list[MCExample]], n_clients: int, cfg: DataConfig,
         aux += examples[:n_aux]
         rest[task] = examples[n_aux:]
     rng.shuffle(aux)
-    clients: list[list[MCExample]] = [[] for _ in range(n_clients)]
+    clients: list[list[Example]] = [[] for _ in range(n_clients)]
     if cfg.partition == "iid":
         everything = [ex for examples in rest.values() for ex in examples]
         rng.shuffle(everything)

@@ -1,5 +1,6 @@
-"""Multiple-choice tasks as data: rows from JSONL split files or a `datasets` source, validated row by row,
-rendered into (context, continuation) prompts by each task's templates (`TaskConfig`).
+"""Tasks as data: rows from JSONL split files or a `datasets` source, validated row by row, rendered into
+(context, continuation) prompts by each task's templates (`TaskConfig`): multiple-choice rows (`MCExample`) or
+prompt/response rows (`GenExample`).
 
 JSONL files are read here rather than through `datasets`' JSON loader: that loader parses with pyarrow, which
 reports neither line numbers nor duplicate keys, and this reader must name the file, line and field of every
@@ -34,6 +35,24 @@ class MCExample:
     choices: tuple[str, ...]  # the choice texts as in the data
     continuations: tuple[str, ...]  # each choice rendered by the task's continuation template
     answer: int
+
+    @property
+    def target(self) -> str:
+        """The continuation trained on: the gold choice's."""
+        return self.continuations[self.answer]
+
+
+@dataclass(frozen=True)
+class GenExample:
+    id: str
+    task: str
+    context: str
+    target: str  # the response rendered by the task's continuation template: what is trained on
+    references: tuple[str, ...]  # the response field's text, then any further references: what is scored against
+    chat: bool = False  # the context is a user turn for each tokenizer's chat template
+
+
+Example = MCExample | GenExample
 
 
 def bundled_data_dir() -> Path:
@@ -110,6 +129,14 @@ def _field(row: dict, dotted: str, where: str) -> Any:
     return node
 
 
+def _has_field(row: dict, dotted: str) -> bool:
+    try:
+        _field(row, dotted, "")
+    except DataError:
+        return False
+    return True
+
+
 def _string(value: Any, name: str, where: str) -> str:
     """`value` if it is a string a tokenizer can take: no NUL character, no lone surrogate."""
     if not isinstance(value, str):
@@ -149,26 +176,70 @@ def _answer_index(row: dict, spec: TaskConfig, n_choices: int, where: str) -> in
     return answer
 
 
-def to_example(row: dict, name: str, spec: TaskConfig, where: str) -> MCExample:
-    """One validated row rendered into prompts; every refusal names `where` and the field."""
+def _template_values(row: dict, spec: TaskConfig, where: str) -> tuple[dict[str, str], bool]:
+    """The row's template fields, and whether an optional one is missing or empty (rendered as "")."""
+    values, short = {}, False
+    for f in spec.template_fields:
+        if f in spec.optional_fields:
+            value = _string(_field(row, f, where), f, where) if _has_field(row, f) else ""
+            short = short or not value.strip()
+            values[f] = value
+        else:
+            values[f] = _text(_field(row, f, where), f, where)
+    return values, short
+
+
+def _context(spec: TaskConfig, values: dict[str, str], short: bool, where: str) -> str:
+    template = spec.context_without_optional if short and spec.context_without_optional is not None else spec.context
+    context = template.format_map(values)
+    if not context.strip():
+        raise DataError(f"{where}: the context template renders to empty text")
+    return context
+
+
+def _example_id(row: dict, spec: TaskConfig, where: str) -> str:
     ex_id = _field(row, spec.id_field, where)
     if isinstance(ex_id, bool) or not isinstance(ex_id, (str, int)) or not str(ex_id).strip():
         raise DataError(f"{where}: field '{spec.id_field}' must be a non-empty string or integer id")
+    return str(ex_id)
+
+
+def _empty_response(row: dict, spec: TaskConfig, where: str) -> bool:
+    return not _string(_field(row, spec.response_field, where), spec.response_field, where).strip()
+
+
+def _generation_example(row: dict, name: str, spec: TaskConfig, where: str) -> GenExample:
+    response = _text(_field(row, spec.response_field, where), spec.response_field, where)
+    references = [response]
+    if spec.references_field and _has_field(row, spec.references_field):
+        extra = _field(row, spec.references_field, where)
+        if not isinstance(extra, list):
+            raise DataError(f"{where}: field '{spec.references_field}' must be a list of reference strings")
+        references += [_text(r, f"{spec.references_field}[{i}]", where) for i, r in enumerate(extra)]
+    values, short = _template_values(row, spec, where)
+    return GenExample(_example_id(row, spec, where), name, _context(spec, values, short, where),
+                      spec.continuation.format_map(values | {"response": response}),
+                      tuple(dict.fromkeys(references)), spec.chat_template)
+
+
+def to_example(row: dict, name: str, spec: TaskConfig, where: str) -> Example:
+    """One validated row rendered into prompts; every refusal names `where` and the field."""
+    if spec.generative:
+        return _generation_example(row, name, spec, where)
+    ex_id = _example_id(row, spec, where)
     choices = _field(row, spec.choices_field, where)
     if not isinstance(choices, list) or len(choices) < 2:
         raise DataError(f"{where}: field '{spec.choices_field}' must be a list of at least 2 choice strings")
     for i, choice in enumerate(choices):
         _text(choice, f"{spec.choices_field}[{i}]", where)
-    values = {f: _text(_field(row, f, where), f, where) for f in spec.template_fields}
-    context = spec.context.format_map(values)
-    if not context.strip():
-        raise DataError(f"{where}: the context template renders to empty text")
+    values, short = _template_values(row, spec, where)
+    context = _context(spec, values, short, where)
     continuations = tuple(spec.continuation.format_map(values | {"choice": c}) for c in choices)
-    return MCExample(str(ex_id), name, context, tuple(choices), continuations,
+    return MCExample(ex_id, name, context, tuple(choices), continuations,
                      _answer_index(row, spec, len(choices), where))
 
 
-def _check_split(examples: list[MCExample], wheres: list[str], name: str, spec: TaskConfig, source: str) -> None:
+def _check_split(examples: list[Example], wheres: list[str], name: str, spec: TaskConfig, source: str) -> None:
     if not examples:
         raise DataError(f"{source}: no examples (task {name!r} needs at least one row)")
     first: dict[str, str] = {}
@@ -176,7 +247,8 @@ def _check_split(examples: list[MCExample], wheres: list[str], name: str, spec: 
         if ex.id in first:
             raise DataError(f"{where}: duplicate id {ex.id!r} (first at {first[ex.id]})")
         first[ex.id] = where
-    dupes = [where for ex, where in zip(examples, wheres) if len(set(ex.choices)) < len(ex.choices)]
+    dupes = [where for ex, where in zip(examples, wheres)
+             if isinstance(ex, MCExample) and len(set(ex.choices)) < len(ex.choices)]
     if dupes and spec.duplicate_choices == "error":
         raise DataError(f"{dupes[0]}: two choices have the same text (set tasks.{name}.duplicate_choices = "
                         f"\"warn\" to keep such rows)")
@@ -205,22 +277,28 @@ def _hf_rows(spec: TaskConfig, split: str, name: str) -> tuple[str, Iterable[tup
     return label, ((f"{label} row {i}", dict(row)) for i, row in enumerate(rows))
 
 
-def load_split(name: str, spec: TaskConfig, split: str, data_dir: str | None) -> list[MCExample]:
+def load_split(name: str, spec: TaskConfig, split: str, data_dir: str | None) -> list[Example]:
     """Every row of one split of task `name`, validated; errors name the file and line (or row) and field."""
     if spec.path.startswith("hf:"):
         source, rows = _hf_rows(spec, split, name)
     else:
         path = resolve_folder(spec.path, data_dir, f"task {name!r}") / f"{split}.jsonl"
         source, rows = str(path), read_jsonl(path)
-    wheres, examples = [], []
+    wheres, examples, skipped = [], [], []
     for where, row in rows:
+        if spec.generative and spec.empty_responses == "skip" and _empty_response(row, spec, where):
+            skipped.append(where)
+            continue
         wheres.append(where)
         examples.append(to_example(row, name, spec, where))
+    if skipped:
+        log.warning("%s: skipped %d row(s) with an empty '%s' (tasks.%s.empty_responses = \"skip\"; first: %s)",
+                    source, len(skipped), spec.response_field, name, skipped[0])
     _check_split(examples, wheres, name, spec, source)
     return examples
 
 
-def _train_rows(name: str, spec: TaskConfig, data_dir: str | None) -> list[MCExample]:
+def _train_rows(name: str, spec: TaskConfig, data_dir: str | None) -> list[Example]:
     if spec.train_split is None:
         raise DataError(f"task {name!r} has no train split (evaluation-only); set tasks.{name}.train_split")
     rows = load_split(name, spec, spec.train_split, data_dir)
@@ -230,18 +308,18 @@ def _train_rows(name: str, spec: TaskConfig, data_dir: str | None) -> list[MCExa
     return rows
 
 
-def load_train_split(name: str, spec: TaskConfig, data_dir: str | None) -> list[MCExample]:
+def load_train_split(name: str, spec: TaskConfig, data_dir: str | None) -> list[Example]:
     """The rows that may be trained on: the train split less its validation holdout."""
     rows = _train_rows(name, spec, data_dir)
     return rows[:len(rows) - spec.validation_holdout]
 
 
-def load_eval_split(name: str, spec: TaskConfig, data_dir: str | None, limit: int | None = None) -> list[MCExample]:
+def load_eval_split(name: str, spec: TaskConfig, data_dir: str | None, limit: int | None = None) -> list[Example]:
     examples = load_split(name, spec, spec.eval_split, data_dir)
     return examples if limit is None else examples[:limit]
 
 
-def load_scored_split(name: str, spec: TaskConfig, data: DataConfig) -> list[MCExample]:
+def load_scored_split(name: str, spec: TaskConfig, data: DataConfig) -> list[Example]:
     """The items every accuracy is read on: the eval split, or with data.scored = "validation" the validation
     split or holdout; the first data.eval_limit of them."""
     if data.scored == "eval":

@@ -38,14 +38,17 @@ def evaluate_state(wb: Workbench, which: str, state: AdapterState, limit: int | 
     held = wb.held(which)
     load_adapter_state(held.model, state)
     sets = {t: exs[:limit] for t, exs in wb.eval_sets.items()}
-    return evaluate_tasks(held.model, held.tokenizer, sets, wb.cfg.model.max_length, wb.cfg.run.eval_batch_size, label,
-                          curve_items(wb.cfg))
+    return evaluate_tasks(held.model, held.tokenizer, sets, wb.cfg, label, curve_items(wb.cfg))
 
 
 def mean_over_clients(per_client: list[dict]) -> dict:
-    """The paper's Table 2 'mean' column: task metrics (and curve points) averaged over clients."""
+    """The paper's Table 2 'mean' column: each task's scores (and curve points) averaged over clients."""
     def mean(blocks: list[dict]) -> dict:
-        return {m: sum(b[m] for b in blocks) / len(blocks) for m in ("acc", "acc_norm")} | {"n": blocks[0]["n"]}
+        numbers = [m for m, v in blocks[0].items() if isinstance(v, float)]
+        out = {m: sum(b[m] for b in blocks) / len(blocks) for m in numbers}
+        if "generation" in blocks[0]:  # generation speed, averaged too
+            out["generation"] = mean([b["generation"] for b in blocks]) | {"decoding": blocks[0]["generation"]["decoding"]}
+        return out | {k: blocks[0][k] for k in ("n", "metric") if k in blocks[0]}
 
     return {t: mean([c[t] for c in per_client]) | {"curve": mean([c[t]["curve"] for c in per_client])}
             for t in per_client[0]}

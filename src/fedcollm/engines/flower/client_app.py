@@ -30,7 +30,7 @@ from fedcollm.comm import Payload
 from fedcollm.config import Config, read_toml
 from fedcollm.data.batching import SFTData
 from fedcollm.data.partition import load_train_pool, partition, public_set
-from fedcollm.data.tasks import MCExample
+from fedcollm.data.tasks import Example
 from fedcollm.engines.flower.records import CONFIG, from_record, to_record
 from fedcollm.engines.flower.secagg import (
     CLIPPED,
@@ -71,7 +71,7 @@ def _with_own_data(cfg: Config, path: str) -> Config:
 
 
 def _client_rows(cfg: Config, index: int, own: str,
-                 needs_public: bool) -> tuple[Config, list[MCExample], list[MCExample] | None]:
+                 needs_public: bool) -> tuple[Config, list[Example], list[Example] | None]:
     """This client's config, training rows and (where a method needs it) D^a.
 
     With `own` (a data-config path): every train row of the tasks that file declares, from its own disk; else
