@@ -7,7 +7,7 @@ model writes, with intervals over items, and the speed of batched generation bes
 Writes benchmarks/results/generation-cpu/: throughput.json (timed first, on the untrained models, kept when the
 run resumes), results.json (per method and model: each metric with its 95 % interval over items; the paired
 claims of plan.md with Holm's correction; the throughput block), samples.md (generations side by side) and the
-run's results.md. plan.md states the claims before the run.
+run's results.md, and summary.md (the tables). plan.md states the claims before the run.
 """
 
 from __future__ import annotations
@@ -150,6 +150,46 @@ def samples_markdown(finals: dict, task: str, count: int = 8) -> str:
     return "\n".join(lines)
 
 
+NAMES = {"zero_shot": "Zero-Shot", "standalone": "Standalone", "fedavg": "FedAvg", "fedcollm": "FedCoLLM",
+         "fedmkt": "FedMKT"}
+
+
+def summary_markdown(report: dict) -> str:
+    """The metric tables (95 % intervals over items), the claims with Holm intervals, and the throughput."""
+    def cell(block: dict, m: str) -> str:
+        v, (lo, hi) = block[m]["value"], block[m]["ci95"]
+        return f"{v:.1f} [{lo:.1f}, {hi:.1f}]" if m == "perplexity" else f"{100 * v:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]"
+
+    lines = [f"# Generation benchmark: {report['setting']['task']} ({report['n_items']} held-out items)", "",
+             "Token F1, exact match, ROUGE-L in % and the reference's perplexity, each with its 95 % bootstrap "
+             "interval over items (one seed).", ""]
+    for which in ("slm", "llm"):
+        lines += [f"## {which.upper()}", "", "| method | token F1 | exact match | ROUGE-L | perplexity |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {NAMES[m]} | " + " | ".join(cell(b, k) for k in (*TEXT_METRICS, "perplexity")) + " |"
+                  for m, b in report[which].items()]
+        lines.append("")
+    lines += ["## Claims (one Holm family)", "", "| model | a - b | metric | difference | Holm interval | p | significant |",
+              "|---|---|---|---|---|---|---|"]
+    for c in report["claims"]:
+        scale = 100 if c["metric"] == "token_f1" else 1
+        lo, hi = (scale * x for x in c["holm_interval"])
+        lines.append(f"| {c['model'].upper()} | {NAMES[c['a']]} - {NAMES[c['b']]} | {c['metric']} | "
+                     f"{scale * c['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
+                     f"{c['p']:.4f} | {c['significant']} |".replace("| 0.0000 |", "| < 0.0001 |"))
+    t = report["throughput"]
+    lines += ["", f"## Throughput ({t['prompts']} prompts, greedy, {t['machine']['cpu']}, "
+              f"{t['machine']['torch_threads']} threads)", "",
+              "| model | dtype | batched tokens/s | one-at-a-time tokens/s | ratio | identical generations |",
+              "|---|---|---|---|---|---|"]
+    for which in ("slm", "llm"):
+        r = t[which]
+        lines.append(f"| {which.upper()} {r['model']} | {r['dtype']} | {r['batched']['tokens_per_s']:.1f} | "
+                     f"{r['one_at_a_time']['tokens_per_s']:.1f} | {r['ratio']:.2f} | "
+                     f"{r['identical_generations']}/{t['prompts']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     cfg, out = bench_config(__doc__, HERE / "generation_cpu.toml", HERE / "results" / "generation-cpu")
     speed_file = out / "throughput.json"
@@ -172,6 +212,7 @@ def main() -> None:
               "timing": results["timing"], "plan": "plan.md"}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "samples.md").write_text(samples_markdown(finals, task))
+    (out / "summary.md").write_text(summary_markdown(report))
     shutil.copy(run_dir / "results.md", out / "results.md")
     for which in ("llm", "slm"):
         for m, block in report[which].items():
