@@ -97,8 +97,8 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tokenizer):
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     batched = generate(model, tokenizer, prompts, 12, [], batch_size=5)
     alone = [generate(model, tokenizer, [p], 12, [], batch_size=1)[0] for p in prompts]
-    assert [g.tokens for g in batched] == [g.tokens for g in alone]
-    assert [g.text for g in batched] == [g.text for g in alone]
+    assert [g.ids for g in batched] == [g.ids for g in alone]  # token for token
+    assert [g.text for g in batched] == [g.text for g in alone] and all(g.tokens == 12 for g in alone)
     assert len({g.text for g in batched}) > 1  # the prompts lead to different texts
 
 
@@ -278,3 +278,18 @@ def test_eval_prints_a_generation_tasks_metrics(notes_toml, tokenizer, tmp_path,
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("notes") and all(m in line for m in ("rouge_l", "token_f1", "exact_match", "perplexity"))
     assert line.endswith("(n=2)")
+
+
+def test_a_generation_task_evaluated_beside_a_trained_choice_task(tiny_build, notes_toml, tmp_path):
+    from fedcollm import cli
+
+    cli.main(["run", "--config", str(notes_toml), "--out", str(tmp_path / "mixed"), "--set", "federation.rounds=1",
+              "--set", "data.tasks=['arc_easy']", "--set", "data.eval_tasks=['notes']",
+              "--set", "data.aux_tasks=[]", "--set", "run.methods=['zero_shot','fedavg']"])
+    res = json.loads((tmp_path / "mixed" / "results.json").read_text())
+    assert res["tasks"] == ["arc_easy"] and res["generation_tasks"] == ["notes"]
+    assert set(res["slm"]["fedavg"]) == {"arc_easy"} and set(res["generation"]["slm"]["fedavg"]["notes"]) >= {
+        "rouge_l", "perplexity"}
+    assert res["n_eval"] == {"arc_easy": 6, "notes": 6}
+    md = (tmp_path / "mixed" / "results.md").read_text()
+    assert "Table 1" in md and "## Generation task notes" in md

@@ -39,7 +39,11 @@ class Decoding:
 @dataclass
 class Generated:
     text: str  # cut before the first stop sequence, stripped
-    tokens: int  # generated tokens up to and including the one that ended it
+    ids: list[int]  # the generated token ids up to and including the one that ended it
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
 
 
 def prompt_ids(tokenizer, ex: GenExample, max_length: int, max_new_tokens: int) -> list[int]:
@@ -93,7 +97,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, st
         for row, i in enumerate(chunk):
             tokens = next((n + 1 for n, t in enumerate(new[row]) if t in ends), len(new[row]))
             text = tokenizer.decode(new[row][:tokens], skip_special_tokens=True)
-            out[i] = Generated(_cut(text, stop), tokens)
+            out[i] = Generated(_cut(text, stop), new[row][:tokens])
     model.train(was_training)
     return out
 
