@@ -100,6 +100,10 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tokenizer):
     assert [g.ids for g in batched] == [g.ids for g in alone]  # token for token
     assert [g.text for g in batched] == [g.text for g in alone] and all(g.tokens == 12 for g in alone)
     assert len({g.text for g in batched}) > 1  # the prompts lead to different texts
+    stop = [alone[0].text[3:5]]  # ends one row early: the batch pads it after, and the padding is not counted
+    batched = generate(model, tokenizer, prompts, 12, stop, batch_size=5)
+    alone = [generate(model, tokenizer, [p], 12, stop, batch_size=1)[0] for p in prompts]
+    assert [g.ids for g in batched] == [g.ids for g in alone] and batched[0].tokens < 12
 
 
 def test_sampling_is_seeded_and_stop_sequences_cut(tokenizer):

@@ -67,6 +67,16 @@ def _cut(text: str, stop: list[str]) -> str:
     return (text[:min(ends)] if ends else text).strip()
 
 
+def _ending(ids: list[int], tokenizer, stop: list[str], ends: set[int]) -> int:
+    """How many of `ids` were generated: up to the token that completes a stop text or is an end token. A row of a
+    batch that stopped early is padded after that token; the padding is not counted."""
+    for n, token in enumerate(ids):
+        if token in ends or (stop and any(s in tokenizer.decode(ids[:n + 1], skip_special_tokens=True)
+                                          for s in stop)):
+            return n + 1
+    return len(ids)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop: list[str], batch_size: int,
              decoding: Decoding = Decoding(), desc: str = "generate") -> list[Generated]:
@@ -95,9 +105,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, st
         new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                              tokenizer=tokenizer)[:, width:].tolist()
         for row, i in enumerate(chunk):
-            tokens = next((n + 1 for n, t in enumerate(new[row]) if t in ends), len(new[row]))
-            text = tokenizer.decode(new[row][:tokens], skip_special_tokens=True)
-            out[i] = Generated(_cut(text, stop), new[row][:tokens])
+            ids = new[row][:_ending(new[row], tokenizer, stop, ends)]
+            out[i] = Generated(_cut(tokenizer.decode(ids, skip_special_tokens=True), stop), ids)
     model.train(was_training)
     return out
 
