@@ -26,7 +26,6 @@ from typing import Any, ClassVar, get_type_hints
 
 from fedcollm.errors import ConfigError
 
-WHITESPACE_ALLOWED = (".stop",)  # fields whose strings may be whitespace alone (a newline ends an answer)
 METHODS = ("zero_shot", "standalone", "fedavg", "centralized", "fedcollm", "fedmkt")
 AGGREGATORS = ("fedavg", "median", "trimmed_mean", "krum")
 
@@ -122,6 +121,7 @@ class TaskConfig:
     """Generation tasks: a row whose response is empty or only whitespace: error (refuse the file, naming the row) or skip (drop it, log the count and the first)."""
 
     GENERATION_METRICS: ClassVar[tuple[str, ...]] = ("rouge_l", "token_f1", "exact_match", "perplexity")
+    blanks: ClassVar[frozenset[str]] = frozenset({"stop"})  # string fields that may be whitespace alone ("\n")
 
     def __post_init__(self) -> None:
         if self.continuation is None:
@@ -791,28 +791,30 @@ def _build(cls, data: Any, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
                           f"known: {', '.join(sorted(known))}")
-    repeats = getattr(cls, "repeats", frozenset())
-    kwargs = {f.name: _coerce(data[f.name], hints[f.name], f"{where}.{f.name}", f.name not in repeats)
+    repeats, blanks = getattr(cls, "repeats", frozenset()), getattr(cls, "blanks", frozenset())
+    kwargs = {f.name: _coerce(data[f.name], hints[f.name], f"{where}.{f.name}", f.name not in repeats,
+                              f.name in blanks)
               for f in fields(cls) if f.name in data}
     return cls(**kwargs)
 
 
-def _coerce(value: Any, hint: Any, where: str, unique: bool = True) -> Any:
-    """Check `value` against the field's type: finite floats, non-empty strings, lists without duplicates (unless
-    the class lists the field in `repeats`, as one model per client does)."""
+def _coerce(value: Any, hint: Any, where: str, unique: bool = True, blank: bool = False) -> Any:
+    """Check `value` against the field's type: finite floats, non-empty strings (whitespace alone only where the
+    class lists the field in `blanks`), lists without duplicates (unless the class lists the field in `repeats`,
+    as one model per client does)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), where, unique)
+        return _coerce(value, next(a for a in args if a is not type(None)), where, unique, blank)
     if origin is dict:
         _check(isinstance(value, dict), where, f"expected a table of NAME = {{...}}, got {value!r}")
         return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, list), where, f"expected a list, got {value!r}")
-        items = [_coerce(v, args[0], where) for v in value]
+        items = [_coerce(v, args[0], where, blank=blank) for v in value]
         dupes = sorted({repr(v) for v in items if items.count(v) > 1}) if unique else []
         _check(not dupes, where, f"lists {', '.join(dupes)} more than once")
         return items
@@ -823,7 +825,7 @@ def _coerce(value: Any, hint: Any, where: str, unique: bool = True) -> Any:
     if hint is float:
         _check(math.isfinite(value), where, f"must be a finite number, got {value!r}")
     if hint is str:
-        _check(bool(value.strip()) or (value and where.endswith(WHITESPACE_ALLOWED)), where, "must not be empty")
+        _check(bool(value.strip() if not blank else value), where, "must not be empty")
     return value
 
 

@@ -26,12 +26,6 @@ def _metric(final: dict, which: str, metric: str) -> dict[str, float]:
     return {task: m[metric] for task, m in final.get(which, {}).items() if metric in m}
 
 
-def _preset_kind(task: str) -> str:
-    from fedcollm.config import preset_tasks
-
-    return preset_tasks()[task].kind if task in preset_tasks() else "choice"
-
-
 GENERATION_FIELDS = ("rouge_l", "token_f1", "exact_match", "perplexity", "nll_per_token", "n")
 SAMPLES = 3  # items per generation task shown side by side in results.md
 
@@ -73,12 +67,12 @@ def generation_samples(finals: dict[str, dict], tasks: list[str], count: int = S
 
 
 def build_results(run: RunDir, setting: dict, communication: dict, extra_timing: dict | None = None) -> dict:
-    cfg = run.read_config()
-    everything = cfg["data"]["tasks"] + cfg["data"]["eval_tasks"]
-    kinds = {t: cfg.get("tasks", {}).get(t, {}).get("kind") or _preset_kind(t) for t in everything}
-    tasks = [t for t in everything if kinds[t] != "generation"]
-    generative = [t for t in everything if kinds[t] == "generation"]
-    finals = {m: run.read_final(m) for m in cfg["run"]["methods"]}
+    cfg = run.load_config()
+    specs = cfg.task_specs()
+    everything = list(specs)
+    tasks = [t for t in everything if not specs[t].generative]
+    generative = [t for t in everything if specs[t].generative]
+    finals = {m: run.read_final(m) for m in cfg.run.methods}
     finals = {m: f for m, f in finals.items() if f is not None}
     results: dict = {"setting": setting, "tasks": tasks, "llm": {}, "slm": {}, "acc_norm": {"llm": {}, "slm": {}}}
     if generative:

@@ -54,8 +54,9 @@ def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> 
 def encode_response(tokenizer, ex: GenExample, max_length: int) -> tuple[list[int], int]:
     """Token ids of a generation example's prompt and response, and the response's token count. The response ends
     as a model should learn to stop: the chat template's end of turn, or else the tokenizer's end-of-text token.
-    Over max_length, the prompt keeps at most half of it (cut from the left, as prompts are everywhere) and the
-    response the rest (cut from the right, so its start still follows its prompt, and then without the end)."""
+    Over max_length, the response keeps its start (cut at its end, then without the end token) but leaves the
+    prompt at least half of max_length (or all of a shorter prompt); the prompt, cut from the left as prompts are
+    everywhere, fills the rest."""
     context, response = prompt_text(tokenizer, ex), ex.target
     eos = []
     if ex.chat:
