@@ -40,10 +40,10 @@ from fedcollm.algorithms.training import (
     sft_steps,
 )
 from fedcollm.alignment.transfer import row_targets
-from fedcollm.cli import load_config, resume_experiment, run_experiment
 from fedcollm.data.batching import SFTData
 from fedcollm.data.partition import unlabelled_pool
 from fedcollm.evaluate import choice_logprobs, evaluate_tasks
+from fedcollm.experiment import load_config, resume_experiment, run_experiment
 from fedcollm.fileio import atomic_write_json
 from fedcollm.models.lora import adapter_state, load_adapter_state
 from fedcollm.runs import RunDir

@@ -27,11 +27,11 @@ from common import (  # benchmarks/ is the script's folder, on sys.path
     use_shared_data,
 )
 
-from fedcollm.algorithms.training import cycle_batches, mutual_distill_step
-from fedcollm.cli import load_config
+from fedcollm.algorithms.training import Stepper, cycle_batches, mutual_distill_step
 from fedcollm.data.batching import answer_logits
 from fedcollm.distill.losses import choice_distill_loss, one_way_loss, pad_choices
 from fedcollm.evaluate import choice_logprobs, choice_requests, packed_choice_logprobs
+from fedcollm.experiment import load_config
 from fedcollm.workbench import Workbench
 
 HERE = Path(__file__).resolve().parent
@@ -50,6 +50,7 @@ def main() -> None:
     max_len = cfg.model.max_length
     opt = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
            for m, model in (("f", wb.llm), ("g", wb.slm))}
+    pair = Stepper([opt["f"], opt["g"]])
     batches = cycle_batches(wb.aux_data, 8, seed=0)
     items = wb.split.aux
     requests = {"f": choice_requests(wb.tokenizer, items, max_len), "g": choice_requests(wb.tokenizer, items, max_len)}
@@ -57,7 +58,7 @@ def main() -> None:
     def joint(teacher_eval: bool, batch) -> None:
         wb.llm.train()
         wb.slm.train()
-        mutual_distill_step(wb.llm, wb.slm, batch, opt["f"], opt["g"], 1.0, 1.0, "forward", 0,
+        mutual_distill_step(wb.llm, wb.slm, batch, pair, 1.0, 1.0, "forward", 0,
                             teacher_eval=teacher_eval)
 
     def half(student, teacher, key: str, batch) -> None:

@@ -71,7 +71,7 @@ def bench_config(doc: str, config: Path, results: Path):
 def run_benchmark(cfg, out: Path) -> tuple[dict, Path]:
     """Run the benchmark's config (resuming its run directory where it stopped); copy each method's round
     metrics into `out`. Returns the run's results and its directory."""
-    from fedcollm.cli import resume_experiment, run_experiment
+    from fedcollm.experiment import resume_experiment, run_experiment
 
     run_dir = Path(cfg.run.out_dir)
     results = resume_experiment(run_dir) if (run_dir / "config.json").exists() else run_experiment(cfg)

@@ -28,7 +28,7 @@ from common import (  # benchmarks/ is the script's folder, on sys.path
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fedcollm.algorithms.training import cycle_batches, mutual_distill_step
+from fedcollm.algorithms.training import Stepper, cycle_batches, mutual_distill_step
 from fedcollm.config import Config
 from fedcollm.data.batching import SFTData
 from fedcollm.models.loading import cache_dir
@@ -70,6 +70,7 @@ def main() -> None:
     slm = random_model(Path(args.model_dir), args.slm_layers, dtype, args.device, cfg, 1)
     opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
             for name, m in (("slm", slm), ("llm", llm))}
+    pair = Stepper([opts["llm"], opts["slm"]])
     llm.train()
     slm.train()
     d = cfg.distill
@@ -80,7 +81,7 @@ def main() -> None:
         batch = next(batches).to(args.device)
         row = {"slm_step": timed(lambda: sft_step(slm, opts["slm"], batch)),
                "llm_step": timed(lambda: sft_step(llm, opts["llm"], batch)),
-               "distill_step": timed(lambda: mutual_distill_step(llm, slm, batch, opts["llm"], opts["slm"],
+               "distill_step": timed(lambda: mutual_distill_step(llm, slm, batch, pair,
                                                                  d.kd_weight, d.temperature, d.kl_direction,
                                                                  d.top_k))}
         if i:

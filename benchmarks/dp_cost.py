@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def cell(base, clients: int, z: float | None, root: Path) -> dict:
-    from fedcollm.cli import resume_experiment, run_experiment
+    from fedcollm.experiment import resume_experiment, run_experiment
 
     name = f"k{clients}-" + ("nodp" if z is None else f"z{z:g}")
     out = root / name
@@ -40,7 +40,7 @@ def cell(base, clients: int, z: float | None, root: Path) -> dict:
 
 def zero_shot(base, root: Path) -> float:
     """The untrained SLM on the same items: the floor that DP's noise can push FedAvg down to."""
-    from fedcollm.cli import resume_experiment, run_experiment
+    from fedcollm.experiment import resume_experiment, run_experiment
 
     out = root / "zero-shot"
     cfg = base.override([f"run.out_dir={out}", "run.methods=['zero_shot']"])

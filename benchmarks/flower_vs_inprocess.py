@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from fedcollm.cli import load_config, run_experiment
 from fedcollm.engines.flower.loopback import LoopbackFederation
+from fedcollm.experiment import load_config, run_experiment
 from fedcollm.models.loading import cpu_model, resolve_device, resolve_dtype
 from fedcollm.runs import RunDir
 

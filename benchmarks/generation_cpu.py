@@ -27,6 +27,7 @@ from common import (  # benchmarks/ is the script's folder, on sys.path
 
 from fedcollm.config import Config
 from fedcollm.generation import generate, prompt_ids
+from fedcollm.methods import REGISTRY
 from fedcollm.runs import RunDir
 from fedcollm.stats import (
     bootstrap_ci,
@@ -150,10 +151,6 @@ def samples_markdown(finals: dict, task: str, count: int = 8) -> str:
     return "\n".join(lines)
 
 
-NAMES = {"zero_shot": "Zero-Shot", "standalone": "Standalone", "fedavg": "FedAvg", "fedcollm": "FedCoLLM",
-         "fedmkt": "FedMKT"}
-
-
 def summary_markdown(report: dict) -> str:
     """The metric tables (95 % intervals over items), the claims with Holm intervals, and the throughput."""
     def cell(block: dict, m: str) -> str:
@@ -166,7 +163,7 @@ def summary_markdown(report: dict) -> str:
     for which in ("slm", "llm"):
         lines += [f"## {which.upper()}", "", "| method | token F1 | exact match | ROUGE-L | perplexity |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {NAMES[m]} | " + " | ".join(cell(b, k) for k in (*TEXT_METRICS, "perplexity")) + " |"
+        lines += [f"| {REGISTRY[m].title} | " + " | ".join(cell(b, k) for k in (*TEXT_METRICS, "perplexity")) + " |"
                   for m, b in report[which].items()]
         lines.append("")
     lines += ["## Claims (one Holm family)", "", "| model | a - b | metric | difference | Holm interval | p | significant |",
@@ -174,7 +171,8 @@ def summary_markdown(report: dict) -> str:
     for c in report["claims"]:
         scale = 100 if c["metric"] == "token_f1" else 1
         lo, hi = (scale * x for x in c["holm_interval"])
-        lines.append(f"| {c['model'].upper()} | {NAMES[c['a']]} - {NAMES[c['b']]} | {c['metric']} | "
+        pair = f"{REGISTRY[c['a']].title} - {REGISTRY[c['b']].title}"
+        lines.append(f"| {c['model'].upper()} | {pair} | {c['metric']} | "
                      f"{scale * c['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
                      f"{c['p']:.4f} | {c['significant']} |".replace("| 0.0000 |", "| < 0.0001 |"))
     t = report["throughput"]

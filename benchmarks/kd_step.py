@@ -19,7 +19,12 @@ from common import (  # benchmarks/ is the script's folder, on sys.path
     use_shared_data,
 )
 
-from fedcollm.algorithms.training import cycle_batches, fwd_bwd, mutual_distill_step
+from fedcollm.algorithms.training import (
+    Stepper,
+    cycle_batches,
+    fwd_bwd,
+    mutual_distill_step,
+)
 from fedcollm.config import Config
 from fedcollm.workbench import Workbench
 
@@ -39,6 +44,7 @@ def main() -> None:
     d = cfg.distill
     opt_f = torch.optim.AdamW([p for p in wb.llm.parameters() if p.requires_grad], lr=d.llm_lr)
     opt_g = torch.optim.AdamW([p for p in wb.slm.parameters() if p.requires_grad], lr=d.slm_lr)
+    pair = Stepper([opt_f, opt_g])
     wb.llm.train()
     wb.slm.train()
     batches = cycle_batches(wb.aux_data, d.batch_size, seed=0)
@@ -46,7 +52,7 @@ def main() -> None:
     for i in range(args.steps + 1):  # step 0 warms up and is dropped
         batch = next(batches)
         row = {"f": timed(lambda: fwd_bwd(wb.llm, batch)), "g": timed(lambda: fwd_bwd(wb.slm, batch)),
-               "kd": timed(lambda: mutual_distill_step(wb.llm, wb.slm, batch, opt_f, opt_g, d.kd_weight,
+               "kd": timed(lambda: mutual_distill_step(wb.llm, wb.slm, batch, pair, d.kd_weight,
                                                         d.temperature, d.kl_direction, d.top_k)),
                "answer_tokens": int(batch.target_mask.sum()), "keep": batch.keep}
         if i:

@@ -29,7 +29,7 @@ from common import (  # benchmarks/ is the script's folder, on sys.path
 from torch.profiler import ProfilerActivity, profile
 
 from fedcollm.algorithms import training
-from fedcollm.algorithms.training import cycle_batches, mutual_distill_step
+from fedcollm.algorithms.training import Stepper, cycle_batches, mutual_distill_step
 from fedcollm.config import Config
 from fedcollm.data.batching import answer_logits
 from fedcollm.workbench import Workbench
@@ -69,6 +69,7 @@ def main() -> None:
     d = cfg.distill
     opts = {name: (torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4), m)
             for name, m in (("slm", wb.slm), ("llm", wb.llm))}
+    pair = Stepper([opts["llm"][0], opts["slm"][0]])
     wb.llm.train()
     wb.slm.train()
     batches = cycle_batches(wb.aux_data, d.batch_size, seed=0)
@@ -77,7 +78,7 @@ def main() -> None:
     def distill(batch, logits_fn):
         training.answer_logits = logits_fn  # mutual_distill_step reads the module's name
         try:
-            mutual_distill_step(wb.llm, wb.slm, batch, opts["llm"][0], opts["slm"][0], d.kd_weight, d.temperature,
+            mutual_distill_step(wb.llm, wb.slm, batch, pair, d.kd_weight, d.temperature,
                                 d.kl_direction, d.top_k)
         finally:
             training.answer_logits = answer_logits

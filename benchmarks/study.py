@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from common import machine  # benchmarks/ is the script's folder, on sys.path
 
-from fedcollm.cli import load_config, run_experiment
+from fedcollm.experiment import load_config, run_experiment
 from fedcollm.fileio import atomic_write_json
 from fedcollm.runs import RunDir
 from fedcollm.stats import (
@@ -204,7 +204,7 @@ def run_unit(plan: Plan, unit: Unit, overrides: dict) -> dict:
     before = run.read_metrics(unit.method) if resuming else []
     t0 = time.perf_counter()
     if resuming:
-        from fedcollm.cli import resume_experiment
+        from fedcollm.experiment import resume_experiment
 
         results = resume_experiment(out)
     else:

@@ -36,7 +36,7 @@ from fedcollm.config import Config, FederationConfig, SecAggConfig  # noqa: E402
 from fedcollm.engines.flower import client_app  # noqa: E402
 from fedcollm.engines.flower.secagg import secure_round  # noqa: E402
 from fedcollm.errors import ConfigError  # noqa: E402
-from fedcollm.methods import Method  # noqa: E402
+from fedcollm.methods.base import Method  # noqa: E402
 from fedcollm.privacy import clip_change  # noqa: E402
 
 

@@ -306,6 +306,8 @@ FIELDS = [
     ("run.eval_every", -1, ">= 0"),
     ("run.round_eval_limit", 0, "> 0"), ("run.round_eval_limit", -3, "> 0"),
     ("run.eval_batch_size", 0, ">= 1"), ("run.eval_batch_size", -1, ">= 1"),
+    ("run.eval_batch_tokens", 0, ">= 1"), ("run.eval_max_length", 15, ">= 16"),
+    ("run.eval_max_length", 1.5, "expected int"),
     ("run.threads", -1, ">= 0"),
 ]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedcollm.algorithms.training import (
+    Stepper,
     choice_distill_steps,
     cycle_batches,
     mutual_distill_step,
@@ -128,7 +129,7 @@ def test_eval_mode_teachers_carry_no_lora_dropout(make_workbench):
         opt_f = torch.optim.SGD([p for p in wb.llm.parameters() if p.requires_grad], lr=0.0)
         opt_g = torch.optim.SGD([p for p in wb.slm.parameters() if p.requires_grad], lr=0.0)
         torch.manual_seed(3)
-        return mutual_distill_step(wb.llm, wb.slm, batch, opt_f, opt_g, 1.0, 1.0, "forward", 0,
+        return mutual_distill_step(wb.llm, wb.slm, batch, Stepper([opt_f, opt_g]), 1.0, 1.0, "forward", 0,
                                    teacher_eval=teacher_eval)
 
     assert step(True)["kl_g"] == pytest.approx(expected, rel=1e-5)

@@ -83,3 +83,27 @@ def test_an_unexpected_exception_is_one_line_too(capsys, tmp_path, monkeypatch):
                    f"(traceback in {tmp_path / 'cache' / 'errors.log'})\n")
     assert "in bug" in (tmp_path / "cache" / "errors.log").read_text()
     assert not (tmp_path / "run").exists()
+
+
+def test_bare_fedcollm_lists_the_commands_and_runs_nothing(capsys, monkeypatch):
+    """Bare `fedcollm` used to start the demo (minutes of work and a runs/demo directory); now it prints the usage
+    with every command and exits 2, as argparse does for a missing argument."""
+    def started(cfg):
+        raise AssertionError("bare fedcollm started a run")
+
+    monkeypatch.setattr(cli, "run_experiment", started)
+    for argv in ([], ["-v"]):
+        assert _main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("usage: fedcollm")
+        assert all(command in err for command in ("run", "derive-slm", "eval", "report", "config-doc"))
+        assert err.endswith("fedcollm: error: name a command; `fedcollm run` runs the embedded demo\n")
+
+
+def test_fedcollm_run_alone_runs_the_embedded_demo(monkeypatch):
+    from fedcollm.experiment import default_config_path
+
+    started = []
+    monkeypatch.setattr(cli, "run_experiment", started.append)
+    cli.main(["run"])
+    assert started == [Config.from_toml(default_config_path())] and started[0].run.out_dir == "runs/demo"

@@ -1,4 +1,5 @@
-"""The CUDA code path on tiny models: every method, bf16, FedMKT across tokenizers, DP and SecAgg+.
+"""The CUDA code path on tiny models: every method, bf16, FedMKT across tokenizers, DP and SecAgg+, and the
+[train] knobs that need a GPU (autocast, fp16 loss scaling) or bitsandbytes (quantized base weights).
 
 Skipped where torch sees no GPU (CI has none); run on a GPU machine with `pytest tests/test_cuda.py`. What crosses
 the wire and what is checkpointed stays on the CPU (adapter_state copies there), so these tests pin down that a run
@@ -13,16 +14,27 @@ import pytest
 import torch
 from conftest import TINY_FEDMKT, hetero_models, tiny_config
 
+from fedcollm.algorithms.training import (
+    Stepper,
+    cycle_batches,
+    mutual_distill,
+    mutual_distill_step,
+    sft_steps,
+)
+from fedcollm.config import TrainConfig
 from fedcollm.engines.inprocess import run_method
-from fedcollm.models.loading import resolve_device, resolve_dtype
-from fedcollm.models.tiny import tiny_pair
+from fedcollm.errors import ConfigError
+from fedcollm.methods import REGISTRY
+from fedcollm.models.loading import load_model, resolve_device, resolve_dtype
+from fedcollm.models.lora import adapter_state
+from fedcollm.models.tiny import tiny_llama, tiny_pair
 from fedcollm.runs import RunDir
 from fedcollm.workbench import Workbench
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 CUDA = torch.device("cuda")
-METHODS = ["zero_shot", "standalone", "fedavg", "centralized", "fedcollm", "fedmkt"]
+METHODS = list(REGISTRY)
 
 
 def _workbench(data_dir, tokenizer, out, device, dtype, client_slms=None, **sections) -> Workbench:
@@ -108,3 +120,70 @@ def test_dp_and_secagg_on_the_gpu(data_dir, tokenizer, tmp_path):
     records = run.read_metrics("fedavg")
     assert all(r["dp"]["epsilon"] > 0 and r["accepted"] == 3 and r["dropped"] == 0 for r in records)  # counts under DP
     _states_on_cpu(run, "fedavg", wb)
+
+
+# ---- [train] on the GPU -----------------------------------------------------------------------------------------
+
+def _paths(wb: Workbench, train: TrainConfig) -> list[float]:
+    """Client SFT then mutual distillation (eval-mode teachers) on the tiny pair: their losses."""
+    sft = sft_steps(wb.slm, wb.client_data[0], 4, 1e-2, 4, seed=0, train=train)
+    kd = mutual_distill(wb.llm, wb.slm, wb.aux_data, 3, 1.0, 1.0, "forward", 0, 1e-2, 1e-2, 4, seed=0,
+                        teacher_eval=True, train=train)
+    return sft.losses + kd.losses
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+def test_autocast_trains_close_to_fp32(data_dir, tokenizer, tmp_path, mode):
+    losses = {autocast: _paths(_workbench(data_dir, tokenizer, tmp_path / autocast, CUDA, torch.float32),
+                               TrainConfig(autocast=autocast)) for autocast in ("off", mode)}
+    assert all(math.isfinite(x) for x in losses[mode])
+    assert losses[mode] == pytest.approx(losses["off"], rel=5e-2)
+
+
+def test_fp16_autocast_steps_through_a_loss_scaler_and_clips_unscaled_gradients(data_dir, tokenizer, tmp_path):
+    wb = _workbench(data_dir, tokenizer, tmp_path, CUDA, torch.float32)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (wb.llm, wb.slm)]
+    stepper = Stepper(opts, TrainConfig(autocast="fp16", max_grad_norm=0.01))
+    wb.llm.train()
+    wb.slm.train()
+    stats = mutual_distill_step(wb.llm, wb.slm, next(cycle_batches(wb.aux_data, 4, seed=0)), stepper, 1.0, 1.0,
+                                "forward", 0)
+    assert stepper.scaler.is_enabled() and stepper.scaler.get_scale() > 1
+    assert all(math.isfinite(v) for v in stats.values())
+    for opt in opts:  # clipped after unscaling: the bound holds for the gradient the step used, not a scaled one
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in opt.param_groups[0]["params"]]))
+        assert norm.item() <= 0.01 * (1 + 1e-3)
+
+
+def test_autocast_refuses_weights_in_the_other_half_precision(data_dir, tokenizer, tmp_path):
+    with pytest.raises(ConfigError, match="train.autocast = fp16 would recast the model's torch.bfloat16 weights"):
+        _workbench(data_dir, tokenizer, tmp_path, CUDA, torch.bfloat16, model={"device": "cuda"},
+                   train={"autocast": "fp16"})
+
+
+def test_checkpointing_and_accumulation_on_the_gpu_step_as_the_plain_step(data_dir, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    runs = {}
+    for name, train in (("plain", TrainConfig()), ("lean", TrainConfig(gradient_checkpointing=True, micro_batch_size=3))):
+        wb = _workbench(data_dir, tokenizer, tmp_path / name, CUDA, torch.float32)
+        runs[name] = (_paths(wb, train), [adapter_state(m) for m in (wb.llm, wb.slm)])
+    assert runs["lean"][0] == pytest.approx(runs["plain"][0], rel=1e-4)
+    for plain, lean in zip(runs["plain"][1], runs["lean"][1]):
+        for key in plain:  # Adam turns rounding in near-zero gradient elements into lr-scaled steps (test_training)
+            torch.testing.assert_close(lean[key], plain[key], rtol=1e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_lora_trains_over_quantized_base_weights(data_dir, tokenizer, tmp_path, bits):
+    pytest.importorskip("bitsandbytes")
+    tiny_llama(hidden=64, layers=3, seed=0).save_pretrained(tmp_path / "llm")
+    llm = load_model(str(tmp_path / "llm"), torch.bfloat16, CUDA, bits)
+    assert any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in llm.modules())
+    slm = tiny_pair(seed=0)[1].to(CUDA)
+    cfg = tiny_config(data_dir, str(tmp_path), model={"device": "cuda", "quantize": bits})
+    wb = Workbench.from_models(cfg, llm, slm, tokenizer)
+    train = TrainConfig(gradient_checkpointing=True, micro_batch_size=2, autocast="bf16")
+    losses = _paths(wb, train) + sft_steps(wb.llm, wb.aux_data, 3, 1e-2, 4, seed=0, train=train).losses
+    assert all(math.isfinite(x) for x in losses)
+    assert any(not torch.equal(v, wb.llm_init[k]) for k, v in adapter_state(wb.llm).items())

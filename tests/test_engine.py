@@ -104,10 +104,10 @@ def test_engine_never_branches_on_method_names():
     import inspect
 
     from fedcollm.engines import inprocess
-    from fedcollm.methods import METHOD_CLASSES
+    from fedcollm.methods import REGISTRY
 
     source = inspect.getsource(inprocess)
-    assert not [name for name in METHOD_CLASSES if f'"{name}"' in source or f"'{name}'" in source]
+    assert not [name for name in REGISTRY if f'"{name}"' in source or f"'{name}'" in source]
 
 
 class GreedyClient(SimulatedClient):

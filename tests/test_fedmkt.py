@@ -378,7 +378,7 @@ def test_heterogeneous_fedcollm_distils_both_models_through_the_alignment(data_d
                                                                          tmp_path):
     """LLM (512 ids) and SLM (300 ids) with different tokenizers: FedCoLLM's server phase moves each model's
     top-k onto the other's tokens and trains both; the record shows how much of D^a aligned, and the budget."""
-    from fedcollm.cli import _run_all
+    from fedcollm.experiment import _run_all
     from fedcollm.runs import RunDir
 
     wb = _hetero_fedcollm_workbench(data_dir, tokenizer, client_tokenizers[0], tmp_path)
@@ -397,11 +397,11 @@ def test_heterogeneous_fedcollm_distils_both_models_through_the_alignment(data_d
 def test_heterogeneous_fedcollm_at_lambda_zero_is_plain_fine_tuning_on_the_public_set(data_dir, tokenizer,
                                                                                      client_tokenizers, tmp_path):
     from fedcollm.algorithms.training import distill_steps, unit_seed
-    from fedcollm.methods import METHOD_CLASSES
+    from fedcollm.methods import method_class
     from fedcollm.models.lora import adapter_state, load_adapter_state
 
     wb = _hetero_fedcollm_workbench(data_dir, tokenizer, client_tokenizers[0], tmp_path, kd_weight=0.0)
-    states, _, _ = METHOD_CLASSES["fedcollm"](wb).server_update({"llm": wb.llm_init, "slm": wb.slm_init}, 1)
+    states, _, _ = method_class("fedcollm")(wb).server_update({"llm": wb.llm_init, "slm": wb.slm_init}, 1)
     slm, d = wb.held("slm"), wb.cfg.distill
     load_adapter_state(slm.model, wb.slm_init)
     distill_steps(slm.model, slm.public, [None] * len(slm.public), d.epochs, d.slm_lr, d.batch_size, 0.0,

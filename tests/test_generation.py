@@ -124,8 +124,9 @@ def test_perplexity_is_the_reference_tokens_mean_nll(tokenizer):
     exs = [GenExample(str(i), "t", f"Question {i}: name it.\nAnswer:", " a long answer" * (i + 1), ("x",))
            for i in range(3)]
     batched = response_nll(model, tokenizer, exs, 64, batch_size=3)
-    for ex, (nll, count) in zip(exs, batched):
+    for ex, (nll, count, cut) in zip(exs, batched):
         ids, n = encode_response(tokenizer, ex, 64)
+        assert not cut
         logits = model(torch.tensor([ids])).logits[0, -n - 1:-1]
         assert count == n
         assert nll == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[-n:]),
@@ -225,7 +226,8 @@ def test_chat_template_wraps_prompt_and_response_and_stops_at_end_of_turn(tokeni
     assert tok.decode(ids[:-n]) == "<s>user: Say hi</s>\n<s>assistant:"
     assert tok.decode(ids[-n:]) == "  hi</s>\n"
     assert stop_texts(tok, ex, ["\n\n"]) == ["\n\n", "</s>"]
-    assert tok.decode(prompt_ids(tok, ex, 64, 8)) == "<s>user: Say hi</s>\n<s>assistant:"
+    ids, cut = prompt_ids(tok, ex, 64, 8)
+    assert tok.decode(ids) == "<s>user: Say hi</s>\n<s>assistant:" and not cut
     with pytest.raises(DataError, match="chat_template = true, but tokenizer"):
         encode_response(tokenizer, ex, 64)
 
@@ -233,10 +235,10 @@ def test_chat_template_wraps_prompt_and_response_and_stops_at_end_of_turn(tokeni
 def test_every_method_runs_a_generation_task_and_the_report_shows_metrics_and_generations(tiny_build, notes_toml,
                                                                                           tmp_path):
     from fedcollm import cli
-    from fedcollm.config import METHODS
+    from fedcollm.methods import REGISTRY
 
     cli.main(["run", "--config", str(notes_toml), "--out", str(tmp_path / "all"), "--set", "federation.rounds=1",
-              "--set", f"run.methods={list(METHODS)}", "--set", "fedmkt.top_k=8"])
+              "--set", f"run.methods={list(REGISTRY)}", "--set", "fedmkt.top_k=8"])
     res = json.loads((tmp_path / "all" / "results.json").read_text())
     assert res["tasks"] == [] and res["generation_tasks"] == ["notes"]
     assert set(res["generation"]["slm"]) == {"zero_shot", "standalone", "fedavg", "fedcollm", "fedmkt"}
@@ -279,9 +281,14 @@ def test_eval_prints_a_generation_tasks_metrics(notes_toml, tokenizer, tmp_path,
     tiny_llama(vocab=len(tokenizer)).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     cli.dispatch(["eval", str(tmp_path / "model"), "--config", str(notes_toml), "--limit", "2"])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("notes") and all(m in line for m in ("rouge_l", "token_f1", "exact_match", "perplexity"))
-    assert line.endswith("(n=2)")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].startswith("evaluation length 256 tokens")  # the tiny model's own context, not model.max_length
+    assert out[-1].startswith("notes")
+    assert all(m in out[-1] for m in ("rouge_l", "token_f1", "exact_match", "perplexity"))
+    assert out[-1].endswith("(n=2, truncated=0)")
+    cli.dispatch(["eval", str(tmp_path / "model"), "--config", str(notes_toml), "--limit", "2",
+                  "--set", "run.eval_max_length=16"])  # prompts of more than 16 - max_new_tokens 8 tokens
+    assert capsys.readouterr().out.strip().endswith("(n=2, truncated=2)")
 
 
 def test_a_generation_task_evaluated_beside_a_trained_choice_task(tiny_build, notes_toml, tmp_path):

@@ -11,9 +11,9 @@ import logging
 
 import torch
 
+from fedcollm.comm import AdapterState
 from fedcollm.config import FederationConfig
 from fedcollm.errors import InvalidUpdate
-from fedcollm.models.lora import AdapterState
 from fedcollm.privacy import clip_change
 
 log = logging.getLogger(__name__)

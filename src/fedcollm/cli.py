@@ -1,4 +1,4 @@
-"""`fedcollm run | derive-slm | eval | report | config-doc`."""
+"""`fedcollm run | derive-slm | eval | report | export | config-doc`."""
 
 from __future__ import annotations
 
@@ -7,130 +7,13 @@ import logging
 import sys
 import time
 import traceback
-from importlib import resources
 from pathlib import Path
 
-from fedcollm.config import Config, describe
+from fedcollm.config import describe
 from fedcollm.errors import ConfigError, FedcollmError
+from fedcollm.experiment import load_config, resume_experiment, run_experiment
 
 log = logging.getLogger("fedcollm")
-
-
-def default_config_path() -> Path:
-    return Path(str(resources.files("fedcollm") / "configs" / "demo.toml"))
-
-
-def load_config(path: str | None, overrides: list[str], limit: int | None = None) -> Config:
-    if limit is not None:
-        if limit < 1:
-            raise ConfigError(f"--limit: must be >= 1 (items per task), got {limit}")
-        overrides = overrides + [f"data.eval_limit={limit}"]
-    cfg = Config.from_toml(path or default_config_path())
-    return cfg.override(overrides) if overrides else cfg
-
-
-def run_experiment(cfg: Config, connect=None) -> dict:
-    """Start a new run in cfg.run.out_dir; nothing is written there until the data, models and clients are ready.
-
-    `connect(wb)` returns the transport to clients that hold their own data, which the workbench then does not
-    load (default: simulated clients in this process, on shards cut here).
-    """
-    from fedcollm.runs import RunDir
-    from fedcollm.workbench import Workbench
-
-    _refuse_secagg_in_process(cfg, connect)
-    run = RunDir(cfg.run.out_dir)
-    run.check_fresh()
-    _set_threads(cfg)
-    wb = Workbench.build(cfg, clients=connect is None)
-    transport = connect(wb) if connect else None
-    run.check_fresh()  # still free after the (possibly long) model preparation
-    run.write_config(cfg.to_json())
-    return _run_all(wb, run, transport)
-
-
-def resume_experiment(path: str | Path, connect=None) -> dict:
-    """Continue the run in `path` with the config it started with, after its last completed round."""
-    from fedcollm.runs import RunDir
-    from fedcollm.workbench import Workbench
-
-    run = RunDir(path)
-    cfg = run.load_config()
-    if Path(cfg.run.out_dir).resolve() != run.path.resolve():  # the directory was moved or copied: follow it
-        cfg = cfg.with_field("run.out_dir", str(run.path))
-    _refuse_secagg_in_process(cfg, connect)
-    _set_threads(cfg)
-    wb = Workbench.build(cfg, clients=connect is None)
-    return _run_all(wb, run, connect(wb) if connect else None)
-
-
-def _refuse_secagg_in_process(cfg: Config, connect) -> None:
-    """The in-process engine has no SecAgg+: rather than run a secagg.enabled config without it, refuse."""
-    if cfg.secagg.enabled and connect is None:
-        raise ConfigError("secagg.enabled = true needs the Flower engine (flwr run, see README: Run across machines); "
-                          "the in-process engine of `fedcollm run` would run without SecAgg+: turn it off here")
-
-
-def _set_threads(cfg: Config) -> None:
-    import torch
-
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-
-
-def _run_all(wb, run, transport=None) -> dict:
-    """Run every configured method and write results.json / results.md / accuracy.png."""
-    import torch
-
-    from fedcollm.algorithms.training import time_fwd_bwd, unit_seed
-    from fedcollm.comm import Payload, num_params, pack
-    from fedcollm.engines.inprocess import run_method
-    from fedcollm.methods.base import curve_items
-    from fedcollm.models.lora import count_parameters
-    from fedcollm.report import build_results, write_report
-
-    cfg = wb.cfg
-    print(f"data: {wb.split.describe()}; eval items: "
-          + ", ".join(f"{t} {len(v)}" for t, v in wb.eval_sets.items()), flush=True)
-    for method in cfg.run.methods:
-        run_method(wb, method, run, transport)
-
-    adapter, base = count_parameters(wb.slm)
-    fed_metrics = run.read_metrics("fedcollm") or run.read_metrics("fedavg")
-    blob = len(pack(Payload(wb.slm_init, 1)))
-    communication = {
-        "slm_params": base, "adapter_params": adapter, "adapter_percent": 100.0 * adapter / base,
-        "llm_adapter_params": count_parameters(wb.llm)[0], "payload_params": num_params(wb.slm_init),
-        "bytes_up_per_round": fed_metrics[-1].get("bytes_up", 0) if fed_metrics else blob * cfg.federation.clients,
-        "bytes_down_per_round": fed_metrics[-1].get("bytes_down", 0) if fed_metrics else blob * cfg.federation.clients,
-    }
-    extra_timing = {}
-    if "fedcollm" in cfg.run.methods and cfg.distill.steps(len(wb.aux_data)):
-        seed = unit_seed(cfg.run.seed, 1, -1)
-        steps = min(cfg.distill.steps(len(wb.aux_data)), 5)
-        extra_timing = {"fwd_bwd_f_s": time_fwd_bwd(wb.llm, wb.aux_data, cfg.distill.batch_size, steps, seed),
-                        "fwd_bwd_g_s": time_fwd_bwd(wb.slm, wb.held("slm").public, cfg.distill.batch_size, steps,
-                                                    seed)}  # D^a in the SLM's own tokens: its vocabulary may differ
-    setting = {"llm": cfg.model.llm, "slm": cfg.model.slm, "clients": cfg.federation.clients,
-               "rounds": cfg.federation.rounds, "limit": cfg.data.eval_limit, "curve_items": curve_items(cfg),
-               "seed": cfg.run.seed, "data_dir": cfg.data.data_dir or "bundled",
-               "local_epochs": cfg.federation.local_epochs, "distill_epochs": cfg.distill.epochs,
-               "kd_weight": cfg.distill.kd_weight, "kl_direction": cfg.distill.kl_direction,
-               "partition": cfg.data.partition, "train_per_task": cfg.data.train_per_task,
-               "client_examples": ([transport.examples[n] for n in transport.client_names] if transport  # as declared
-                                   else [len(c) for c in wb.split.clients]), "aux_examples": len(wb.split.aux),
-               "batch_size": cfg.federation.batch_size, "dtype": str(next(wb.slm.parameters()).dtype),
-               "llm_dtype": str(next(wb.llm.parameters()).dtype),
-               "torch_threads": torch.get_num_threads(), "methods": cfg.run.methods,
-               "sampling": {"fraction_fit": cfg.federation.fraction_fit, "min_fit_clients": cfg.federation.min_fit_clients}}
-    if cfg.dp.noise_multiplier > 0:
-        spent = [r["dp"]["epsilon"] for m in cfg.run.methods for r in run.read_metrics(m) if "dp" in r]
-        setting["dp"] = {"noise_multiplier": cfg.dp.noise_multiplier, "clip_norm": cfg.dp.clip_norm,
-                         "delta": cfg.dp.delta, "epsilon": max(spent, default=None)}
-    results = build_results(run, setting, communication, extra_timing)
-    print(write_report(run, results))
-    print(f"run directory: {run.path}")
-    return results
 
 
 def cmd_run(args) -> None:
@@ -159,7 +42,7 @@ def cmd_derive(args) -> None:
 
 def cmd_eval(args) -> None:
     from fedcollm.data.tasks import load_scored_split
-    from fedcollm.evaluate import evaluate_tasks
+    from fedcollm.evaluate import eval_length, evaluate_tasks
     from fedcollm.models.derive import resolve_model_dir
     from fedcollm.models.loading import (
         load_model,
@@ -167,6 +50,7 @@ def cmd_eval(args) -> None:
         resolve_device,
         resolve_dtype,
     )
+    from fedcollm.models.lora import load_peft_adapter
 
     cfg = load_config(args.config, args.set, args.limit)
     sets = {t: load_scored_split(t, spec, cfg.data) for t, spec in cfg.task_specs().items()}
@@ -177,26 +61,12 @@ def cmd_eval(args) -> None:
         model = load_peft_adapter(model, Path(args.adapter))
     tokenizer = load_tokenizer(model_dir)
     res = evaluate_tasks(model, tokenizer, sets, cfg, args.model)
+    print(f"evaluation length {eval_length(cfg, model, tokenizer)} tokens (run.eval_max_length); truncated = items "
+          f"scored on text cut to it")
     for task, m in res.items():
         shown = ("acc", "acc_norm") if m["metric"] == "acc" else cfg.task_specs([task])[task].metrics
-        print(f"{task:15s} " + "  ".join(f"{k} {m[k]:.4f}" for k in shown) + f"  (n={m['n']})")
-
-
-def load_peft_adapter(model, folder: Path):
-    """`model` with the peft adapter saved in `folder`; a missing, damaged, non-finite or ill-fitting one is refused."""
-    from peft import PeftModel
-
-    from fedcollm.errors import RunDirError
-    from fedcollm.runs import load_adapter_file
-
-    if not (folder / "adapter_config.json").is_file():
-        raise RunDirError(f"{folder}: no adapter_config.json, so this is not a peft adapter folder "
-                          f"(e.g. RUN/fedcollm/round_002/slm)")
-    load_adapter_file(folder / "adapter_model.safetensors")  # readable and finite before peft touches it
-    try:
-        return PeftModel.from_pretrained(model, folder)
-    except (RuntimeError, ValueError, KeyError, OSError) as err:  # peft/torch: shape mismatch, bad config
-        raise RunDirError(f"{folder}: adapter does not fit this model ({str(err).splitlines()[0][:300]})") from err
+        print(f"{task:15s} " + "  ".join(f"{k} {m[k]:.4f}" for k in shown) + f"  (n={m['n']}, "
+              f"truncated={m['truncated']})")
 
 
 def cmd_report(args) -> None:
@@ -205,6 +75,14 @@ def cmd_report(args) -> None:
 
     run = RunDir(args.run_dir)
     print(write_report(run, load_results(run)))
+
+
+def cmd_export(args) -> None:
+    from fedcollm.export.run import export_run
+
+    out = export_run(args.run_dir, args.method, args.model, args.client, args.round, args.formats, args.gguf_types,
+                     args.out)
+    print(f"exported to {out} (README.md there says how to load each file)")
 
 
 def cmd_clientapp_worker(args) -> None:
@@ -250,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("export", help="one adapter of a finished run as a peft adapter with its base, a merged "
+                       "Hugging Face model and GGUF files (see README: Take the model home)")
+    p.add_argument("run_dir")
+    p.add_argument("--method", help="default: the run's co-tuning method (fedcollm or fedmkt) when it has one")
+    p.add_argument("--model", choices=("slm", "llm"), default="slm")
+    p.add_argument("--client", type=int, metavar="K", help="client K's own SLM (methods that keep one per client)")
+    p.add_argument("--round", type=int, metavar="R", help="default: the last completed round")
+    p.add_argument("--formats", default="adapter,merged,gguf", help="comma-separated: adapter, merged, gguf")
+    p.add_argument("--gguf-types", default="f16,q8_0", help="comma-separated: f16, q8_0, q4_0")
+    p.add_argument("--out", help="default: RUN/export/<method>-<model>[-client<K>]-r<round>")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("clientapp-worker", help="serve the Flower ClientApp of a SuperNode started with "
                        "--isolation process, in one long-lived process (see README: Run across machines)")
     p.add_argument("--runtime-api-address", default="127.0.0.1:9094",
@@ -258,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_clientapp_worker)
 
     p = sub.add_parser("config-doc", help="print the reference of every config knob")
-    p.set_defaults(func=lambda a: print(describe()))
+    p.set_defaults(func=lambda a: print(describe(), end=""))  # = docs/configuration.md
     return parser
 
 
@@ -268,7 +158,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    return parser.parse_args(["run"] + argv) if not args.command else args
+    if not args.command:  # bare `fedcollm`: list the commands (the demo is `fedcollm run`), as argparse's exit 2
+        parser.print_help(sys.stderr)
+        parser.exit(2, "\nfedcollm: error: name a command; `fedcollm run` runs the embedded demo\n")
+    return args
 
 
 def dispatch(argv: list[str] | None = None) -> None:

@@ -15,8 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from fedcollm.errors import InvalidUpdate
-from fedcollm.models.lora import AdapterState
 
+AdapterState = dict[str, torch.Tensor]  # LoRA weights by peft's state-dict names: what clients and server exchange
 MAX_COUNT_DIGITS = 18  # an int64 always holds it; int() refuses strings past 4,300 digits with a ValueError
 
 

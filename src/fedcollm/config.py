@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
 from fedcollm.errors import ConfigError
+from fedcollm.methods import REGISTRY
 
-METHODS = ("zero_shot", "standalone", "fedavg", "centralized", "fedcollm", "fedmkt")
 AGGREGATORS = ("fedavg", "median", "trimmed_mean", "krum")
 
-__all__ = ["Config", "ConfigError", "TaskConfig", "METHODS", "preset_tasks", "parse_derived_spec"]
+__all__ = ["Config", "ConfigError", "TaskConfig", "preset_tasks", "parse_derived_spec"]
 
 
 def _check(cond: bool, where: str, msg: str) -> None:
@@ -219,7 +219,9 @@ class ModelConfig:
     device: str = "auto"
     """auto (cuda if present), cpu, cuda, cuda:N."""
     max_length: int = 128
-    """Longest tokenized training/eval sequence; longer prompts are cut from the left."""
+    """Longest tokenized training sequence (and of the choice scores FedCoLLM and FedMKT distil towards); longer prompts are cut from the left. Evaluation has its own: run.eval_max_length."""
+    quantize: str = "none"
+    """Frozen base weights of every loaded model in 4bit (NF4, computing in `dtype`) or 8bit (LLM.int8) through bitsandbytes, as QLoRA trains (adapters stay in float); none = plain `dtype`. Needs `pip install 'fedcollm[quant]'` and a device bitsandbytes supports (CUDA)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     repeats: ClassVar[frozenset[str]] = frozenset({"client_slms"})  # list fields that may name an item twice
 
@@ -232,6 +234,7 @@ class ModelConfig:
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "model.device",
                f"auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.max_length >= 16, "model.max_length", "must be >= 16")
+        _check(self.quantize in ("none", "8bit", "4bit"), "model.quantize", "none, 8bit or 4bit")
 
 
 @dataclass
@@ -531,6 +534,9 @@ class DeriveConfig:
     """Alpaca texts used to score candidate layers during greedy selection."""
     calib_len: int = 48
     """Token length of each calibration text (selection cost grows with texts x length x 255 evaluations)."""
+    selection: str = "greedy"
+    """How layers are chosen: "greedy" (add the layer that lowers calibration loss most, ~N x layers forward passes)
+    or "block_influence" (keep the N layers that change the hidden state most, ShortGPT; one forward pass)."""
     heal_steps: int = 60
     """Distillation steps that heal the pruned model."""
     heal_lr: float = 3e-4
@@ -547,6 +553,8 @@ class DeriveConfig:
     def __post_init__(self) -> None:
         _check(self.calib_texts >= 1, "derive.calib_texts", "must be >= 1")
         _check(self.calib_len >= 8, "derive.calib_len", "must be >= 8")
+        _check(self.selection in ("greedy", "block_influence"), "derive.selection",
+               f"must be 'greedy' or 'block_influence', got {self.selection!r}")
         _check(self.heal_steps >= 0, "derive.heal_steps", "must be >= 0")
         _check(self.heal_lr > 0, "derive.heal_lr", "must be > 0")
         _check(self.heal_batch >= 1, "derive.heal_batch", "must be >= 1")
@@ -556,9 +564,36 @@ class DeriveConfig:
 
 
 @dataclass
+class TrainConfig:
+    """How every training path steps (client SFT, both methods' server distillation, FedMKT's distillation on
+    either side, Centralized): memory and optimisation knobs for models of user size. The defaults train exactly
+    as before these knobs existed."""
+
+    micro_batch_size: int = 0
+    """Gradient accumulation: each batch runs as micro-batches of at most this many examples, each loss weighted by its share of the batch's denominators (answer tokens, items), so the step equals the whole batch's; 0 = the path's batch_size (off)."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing of the trained models' decoder layers (transformers', non-reentrant): their activations are recomputed in the backward pass instead of held, for about one more forward."""
+    lr_schedule: str = "constant"
+    """Learning rate over the optimizer steps of one training call (a client's local epochs, a round's server distillation of one model): constant, linear or cosine (decay to 0), each after warmup_ratio's linear warm-up."""
+    warmup_ratio: float = 0.0
+    """Share of a training call's optimizer steps over which the learning rate rises linearly from 0 (rounded up to whole steps)."""
+    max_grad_norm: float = 0.0
+    """Clip each trained model's gradient to this L2 norm before its step (over its trainable parameters); 0 = off. Not DP's clipping (dp.clip_norm)."""
+    autocast: str = "off"
+    """Mixed precision on CUDA: off, bf16, or fp16 (with loss scaling); the weights stay in model.dtype, which must be fp32 or this same half precision. Refused on a CPU."""
+
+    def __post_init__(self) -> None:
+        _check(self.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0 (0 = off)")
+        _check(self.lr_schedule in ("constant", "linear", "cosine"), "train.lr_schedule", "constant, linear or cosine")
+        _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = off)")
+        _check(self.autocast in ("off", "bf16", "fp16"), "train.autocast", "off, bf16 or fp16")
+
+
+@dataclass
 class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["zero_shot", "fedcollm"])
-    """Methods to run, any of zero_shot, standalone, fedavg, centralized, fedcollm, fedmkt (one sub-directory each)."""
+    """Methods to run, any of {methods} (one sub-directory each)."""
     seed: int = 0
     """Seeds data split, LoRA init, batch order and dropout."""
     out_dir: str = "runs/demo"
@@ -568,7 +603,11 @@ class RunConfig:
     round_eval_limit: int | None = None
     """Items per task behind every point of the per-round curves (the same first N items each round, at most data.eval_limit); None = data.eval_limit."""
     eval_batch_size: int = 32
-    """Items per forward pass during evaluation (one sequence each: the context, then every choice), and prompts per `generate` call."""
+    """Most items per forward pass during evaluation (one sequence each: the context, then every choice), and prompts per `generate` call."""
+    eval_batch_tokens: int = 8192
+    """Most tokens per evaluation forward pass or `generate` call (rows x the longest row, with padding and max_new_tokens): long items go fewer to a batch, one longer than this alone, so memory stays bounded at any evaluation length."""
+    eval_max_length: int | None = None
+    """Longest tokenized evaluation sequence (a context and a choice; a prompt and max_new_tokens); longer items are cut from the left as in training and counted under "truncated"; None = the model's own context length (its config's max_position_embeddings, or the tokenizer's model_max_length where lower), as lm-evaluation-harness."""
     decoding: str = "greedy"
     """How generation tasks are decoded: greedy, or sample (at sample_temperature and sample_top_p, seeded by run.seed)."""
     sample_temperature: float = 0.7
@@ -581,12 +620,15 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(len(self.methods) > 0, "run.methods", "name at least one method")
         for m in self.methods:
-            _check(m in METHODS, "run.methods", f"unknown method {m!r}; known: {', '.join(METHODS)}")
+            _check(m in REGISTRY, "run.methods", f"unknown method {m!r}; known: {', '.join(REGISTRY)}")
         _check(self.seed >= 0, "run.seed", "must be >= 0")
         _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
         _check(self.round_eval_limit is None or self.round_eval_limit > 0, "run.round_eval_limit",
                "must be > 0 (or none)")
         _check(self.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
+        _check(self.eval_batch_tokens >= 1, "run.eval_batch_tokens", "must be >= 1")
+        _check(self.eval_max_length is None or self.eval_max_length >= 16, "run.eval_max_length",
+               "must be >= 16 (or none)")
         _check(self.decoding in ("greedy", "sample"), "run.decoding", "greedy or sample")
         _check(self.sample_temperature > 0, "run.sample_temperature", "must be > 0")
         _check(0 < self.sample_top_p <= 1, "run.sample_top_p", "must be in (0, 1]")
@@ -603,6 +645,7 @@ class Config:
     dp: DPConfig = field(default_factory=DPConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     derive: DeriveConfig = field(default_factory=DeriveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     """User-declared tasks, [tasks.NAME] tables; a name equal to a preset replaces that preset."""
@@ -617,6 +660,7 @@ class Config:
             for name in getattr(self.data, listed):
                 _check(name in known, f"data.{listed}", f"unknown task {name!r}: declare it in a [tasks.{name}] "
                        f"table or use a preset ({', '.join(preset_tasks())})")
+        self._check_autocast()
         robust = self.federation.aggregator != "fedavg"
         _check(not (robust and self.secagg.enabled), "federation.aggregator",
                f"{self.federation.aggregator} needs each client's update, but under SecAgg+ (secagg.enabled) the "
@@ -624,18 +668,20 @@ class Config:
         _check(not (robust and self.dp.noise_multiplier > 0), "federation.aggregator",
                f"{self.federation.aggregator} would be ignored: under DP the server releases the noised mean of the "
                f"clipped changes (what its noise is calibrated to): use fedavg or set dp.noise_multiplier to 0")
-        if "fedmkt" in self.run.methods:  # both protect adapters; FedMKT's uploads are logits on D^a
-            _check(not self.secagg.enabled, "secagg.enabled", "SecAgg+ sums adapters, but FedMKT uploads top-k "
-                   "logits, which cannot be summed: drop fedmkt from run.methods or turn SecAgg+ off")
-            _check(self.dp.noise_multiplier == 0, "dp.noise_multiplier", "DP here noises the shared adapter, but "
-                   "FedMKT uploads top-k logits that it would not cover: drop fedmkt from run.methods or set it to 0")
+        for m in self.run.methods:  # both protect adapters: a method whose clients upload anything else is refused
+            spec = REGISTRY[m]
+            _check(spec.supports_secagg or not self.secagg.enabled, "secagg.enabled", f"SecAgg+ sums adapters, but "
+                   f"{spec.title} uploads {spec.uploads}, which cannot be summed: drop {m} from run.methods or turn "
+                   f"SecAgg+ off")
+            _check(spec.supports_dp or self.dp.noise_multiplier == 0, "dp.noise_multiplier", f"DP here noises the "
+                   f"shared adapter, but {spec.title} uploads {spec.uploads} that it would not cover: drop {m} from "
+                   f"run.methods or set it to 0")
         slms = self.model.client_slms
         _check(not slms or len(slms) == self.federation.clients, "model.client_slms",
                f"lists {len(slms)} SLMs for federation.clients = {self.federation.clients}: give one per client, "
                f"or none (every client runs model.slm)")
-        averaged = [m for m in ("fedavg", "fedcollm") if m in self.run.methods]
-        if "fedmkt" in self.run.methods and self.fedmkt.share_adapters:
-            averaged.append("fedmkt with fedmkt.share_adapters")
+        averaged = [m if REGISTRY[m].shares_adapter is True else f"{m} with {REGISTRY[m].shares_adapter}"
+                    for m in self.run.methods if self.shares_adapter(m)]
         others = sorted(set(slms) - {self.model.slm})
         _check(not (averaged and others), "model.client_slms",
                f"{', '.join(averaged)} average one SLM adapter, so every client must run model.slm = "
@@ -643,7 +689,8 @@ class Config:
                f"or drop those methods")
         _check(self.dp.noise_multiplier == 0 or averaged, "dp.noise_multiplier",
                f"noises the shared SLM adapter, but none of run.methods = {self.run.methods} shares one, so nothing "
-               f"would be noised: add fedavg or fedcollm, or set it to 0")
+               f"would be noised: add {' or '.join(m for m, s in REGISTRY.items() if s.shares_adapter is True)}, or "
+               f"set it to 0")
         if self.dp.noise_multiplier > 0:
             _check(self.dp.mode != "distributed" or self.secagg.enabled, "dp.mode", "distributed needs "
                    "secagg.enabled: without SecAgg+ the server sees each client's update, so it adds the noise itself "
@@ -676,6 +723,26 @@ class Config:
             _check(known[name].train_split is not None, "data.tasks",
                    f"task {name!r} has no train split (evaluation-only): set tasks.{name}.train_split or move it "
                    f"to data.eval_tasks")
+
+    def shares_adapter(self, method: str) -> bool:
+        """Whether registered `method` averages one SLM adapter across the clients under this config (its
+        MethodSpec.shares_adapter: always, never, or as the config option it names says)."""
+        switch = REGISTRY[method].shares_adapter
+        if isinstance(switch, str):
+            section, key = switch.split(".")
+            return bool(getattr(getattr(self, section), key))
+        return switch
+
+    def _check_autocast(self) -> None:
+        """Autocast where the config already rules it out (with model.device or dtype = auto, training checks the
+        resolved ones)."""
+        mode, model = self.train.autocast, self.model
+        if mode == "off":
+            return
+        _check(model.device != "cpu", "train.autocast", f"{mode} runs on CUDA only, but model.device = cpu: set "
+               f"train.autocast = off")
+        _check(model.dtype in ("auto", "fp32", mode), "train.autocast", f"{mode} would recast model.dtype = "
+               f"{model.dtype} weights into the other half precision: set model.dtype = fp32 (or {mode})")
 
     def _check_generation_tasks(self, known: dict[str, TaskConfig]) -> None:
         """What needs choices refuses generation tasks: the choice-level channels and the unlabelled pool."""
@@ -829,29 +896,126 @@ def _coerce(value: Any, hint: Any, where: str, unique: bool = True, blank: bool 
     return value
 
 
-def describe() -> str:
-    """Markdown reference of every knob, from the field docstrings (the single source of truth)."""
+REFERENCE_COMMAND = "python -m fedcollm.config > docs/configuration.md"
+"""How docs/configuration.md is made (`fedcollm config-doc` prints the same text)."""
+
+_REFERENCE_HEAD = f"""# Configuration reference
+
+<!-- Generated from the field docstrings in src/fedcollm/config.py by `{REFERENCE_COMMAND}`: edit those, not this file. -->
+
+Every knob of a fedcollm run, with its default value. Set them in a TOML file, one table per section, and pass it
+with `fedcollm run --config my.toml`:
+
+```toml
+[federation]
+rounds = 3
+
+[model.lora]
+r = 16
+```
+
+or one at a time on the command line: `fedcollm run --set federation.rounds=3 --set model.lora.r=16` (each value is
+read as TOML, a bare word as a string, and `none` unsets a field that may be unset). A field left out keeps the default
+below. `fedcollm run` without `--config` starts from the embedded demo (`src/fedcollm/configs/demo.toml`), which sets
+a few of them. Every run records the config it resolved in `RUN/config.json`. The paper's tasks are presets written as
+`[tasks.NAME]` tables in `src/fedcollm/configs/tasks.toml`.
+
+This file is generated from the field docstrings in `src/fedcollm/config.py`; regenerate it with
+`{REFERENCE_COMMAND}` (`fedcollm config-doc` prints the same).
+"""
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string literal right below it) in `cls` and its dataclass bases."""
     import ast
     import inspect
+    import textwrap
 
-    tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))
-    docs: dict[str, list[tuple[str, str, str]]] = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            rows, body = [], node.body
-            for i, stmt in enumerate(body):
-                if isinstance(stmt, ast.AnnAssign) and i + 1 < len(body):
-                    nxt = body[i + 1]
-                    if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                        default = ast.unparse(stmt.value) if stmt.value is not None else ""
-                        rows.append((stmt.target.id, default, nxt.value.value))
-            docs[node.name] = rows
-    sections = {"model": "ModelConfig", "model.lora": "LoraConfig", "data": "DataConfig",
-                "federation": "FederationConfig", "distill": "DistillConfig", "fedmkt": "FedMKTConfig", "dp": "DPConfig", "secagg": "SecAggConfig", "derive": "DeriveConfig",
-                "run": "RunConfig", "tasks.NAME": "TaskConfig"}
-    out = []
-    for section, cls_name in sections.items():
-        out.append(f"\n### [{section}]\n\n| key | default | meaning |\n|---|---|---|")
-        for name, default, doc in docs[cls_name]:
-            out.append(f"| `{name}` | `{default}` | {doc} |")
-    return "\n".join(out).strip() + "\n"
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def config_sections() -> list[tuple[str, type]]:
+    """(section name, its dataclass) for every table of a config, nested ones after their parent: `model`,
+    `model.lora`, ..., `tasks.NAME`."""
+    def walk(name: str, cls) -> list[tuple[str, type]]:
+        hints = get_type_hints(cls)
+        return [(name, cls)] + [s for f in fields(cls) if dataclasses.is_dataclass(hints[f.name])
+                                for s in walk(f"{name}.{f.name}", hints[f.name])]
+
+    out: list[tuple[str, type]] = []
+    for f in fields(Config):
+        hint = get_type_hints(Config)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += walk(f.name, hint)
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+            out += walk(f"{f.name}.NAME", typing.get_args(hint)[1])
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    """A default as it would be written in a config file (`none` where a field is unset)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _default_cell(f: dataclasses.Field) -> str:
+    """The default value of field `f` as a table cell: what a default_factory produces, not its source text."""
+    if f.default_factory is default_data_dir:  # read from the environment: say so rather than print this machine's
+        return "`$FEDCOLLM_DATA` if set, else `none`"
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    text = _toml_value(value).replace("|", "\\|")
+    return f"``{text}``" if "`" in text else f"`{text}`"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def describe() -> str:
+    """The configuration reference (docs/configuration.md): every knob with its default value and its docstring,
+    section by section; the docstrings in this module are its single source ("{methods}" in one: the registered
+    methods' names)."""
+    sections = config_sections()
+    out = [_REFERENCE_HEAD, "Sections: " + " · ".join(f"[`[{name}]`](#{_anchor(name)})" for name, _ in sections)]
+    for name, cls in sections:
+        docs, hints = _field_docs(cls), get_type_hints(cls)
+        docs = {k: v.replace("{methods}", ", ".join(REGISTRY)) for k, v in docs.items()}  # the registered names
+        out.append(f"\n## [{name}]\n\n| key | default | meaning |\n|---|---|---|")
+        for f in fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue  # its own section, below
+            out.append(f"| `{f.name}` | {_default_cell(f)} | {docs.get(f.name, '').replace('|', chr(92) + '|')} |")
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":  # python -m fedcollm.config > docs/configuration.md
+    import sys
+
+    # the package's module, not this __main__ copy of it (whose classes the rest of fedcollm does not use)
+    from fedcollm.config import describe as _describe
+
+    sys.stdout.write(_describe())

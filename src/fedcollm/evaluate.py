@@ -5,27 +5,39 @@ Each choice is scored by the summed log-probability of its continuation tokens g
 acc picks the highest sum; acc_norm divides each sum by the length in characters of the choice text first:
 lm-evaluation-harness normalizes by `len(doc_to_choice)`, which excludes the target delimiter (the one leading
 space of the continuation template " {choice}") that the scored continuation includes.
+Like lm-evaluation-harness, evaluation reads items whole up to the model's own context length (run.eval_max_length
+sets another); each task counts the items it had to cut under "truncated", and warns of them.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from tqdm.auto import tqdm
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from fedcollm.config import Config
-from fedcollm.data.batching import encode_pair
+from fedcollm.data.batching import encode_pair, token_groups
 from fedcollm.data.tasks import Example, MCExample
+from fedcollm.errors import ConfigError
 from fedcollm.generation import Decoding, evaluate_generation
 
+log = logging.getLogger(__name__)
 
-def _requests(tokenizer, ex: MCExample, max_length: int) -> tuple[list[int], list[list[int]]]:
-    """Context tokens (shared by every choice) and each choice's continuation tokens, lm-eval style."""
+
+def _request(tokenizer, ex: MCExample, max_length: int) -> tuple[list[int], list[list[int]], bool]:
+    """Context tokens (shared by every choice), each choice's continuation tokens, lm-eval style, and whether
+    max_length cut any (context, choice) sequence: a choice keeps its last max_length - 1 tokens, the context
+    its last tokens that leave room for the longest choice."""
     conts = []
-    for c in range(len(ex.choices)):
-        ids, n = encode_pair(tokenizer, ex.context, ex.continuations[c], max_length)
+    for cont in ex.continuations:
+        ids, n = encode_pair(tokenizer, ex.context, cont, 1 << 30)
         conts.append(ids[-n:])
     ctx = tokenizer(ex.context, add_special_tokens=False)["input_ids"]
-    return ctx[-(max_length - max(len(x) for x in conts)):], conts
+    cut = len(ctx) + max(map(len, conts)) > max_length
+    conts = [x[-(max_length - 1):] for x in conts]
+    return ctx[-(max_length - max(map(len, conts))):], conts, cut
 
 
 def _packed_group(group: list[tuple[int, list[int], list[list[int]]]], pad: int, dtype: torch.dtype):
@@ -73,7 +85,7 @@ def _packed_group(group: list[tuple[int, list[int], list[list[int]]]], pad: int,
 
 def choice_requests(tokenizer, examples: list[MCExample], max_length: int) -> list[tuple[list[int], list[list[int]]]]:
     """Each item's context tokens and per-choice continuation tokens, as `packed_choice_logprobs` takes them."""
-    return [_requests(tokenizer, ex, max_length) for ex in examples]
+    return [_request(tokenizer, ex, max_length)[:2] for ex in examples]
 
 
 def packed_choice_logprobs(model, requests: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[torch.Tensor]:
@@ -95,25 +107,31 @@ def packed_choice_logprobs(model, requests: list[tuple[list[int], list[list[int]
     return out
 
 
-@torch.no_grad()
 def choice_logprobs(model, tokenizer, examples: list[MCExample], max_length: int, batch_size: int = 32,
-                    desc: str = "eval") -> list[list[float]]:
+                    desc: str = "eval", batch_tokens: int | None = None) -> list[list[float]]:
     """Summed continuation log-probs per choice, all of an item's choices in one packed sequence.
 
     Each score equals a separate forward pass of (context, choice) as lm-evaluation-harness runs it (tests pin
     the equality), but the context is computed once per item, no choice is padded to the longest, and logits are
-    taken only where a choice token is predicted. batch_size bounds the items per forward. Where a request
-    exceeds max_length, the context is cut from the left to fit the longest choice, so every choice sees the same
-    context.
+    taken only where a choice token is predicted. Where a request exceeds max_length, the context is cut from the
+    left to fit the longest choice, so every choice sees the same context.
     """
     requests = choice_requests(tokenizer, examples, max_length)
-    order = sorted(range(len(examples)), key=lambda i: -(len(requests[i][0]) + sum(map(len, requests[i][1]))))
-    scores: list[list[float]] = [[] for _ in examples]
+    return score_requests(model, requests, tokenizer.pad_token_id, batch_size, batch_tokens, desc)
+
+
+@torch.no_grad()
+def score_requests(model, requests: list[tuple[list[int], list[list[int]]]], pad_id: int, batch_size: int,
+                   batch_tokens: int | None = None, desc: str = "eval") -> list[list[float]]:
+    """`packed_choice_logprobs` of every request, in eval mode, at most batch_size items and batch_tokens packed
+    tokens (rows x longest row; None = no bound) per forward: the attention mask grows with rows x width^2, so
+    a token bound keeps long items from exploding memory."""
+    lengths = [len(ctx) + sum(map(len, conts)) for ctx, conts in requests]
+    scores: list[list[float]] = [[] for _ in requests]
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        group = order[start:start + batch_size]
-        for i, sums in zip(group, packed_choice_logprobs(model, [requests[i] for i in group], tokenizer.pad_token_id)):
+    for group in tqdm(token_groups(lengths, batch_size, batch_tokens), desc=desc, leave=False):
+        for i, sums in zip(group, packed_choice_logprobs(model, [requests[i] for i in group], pad_id)):
             scores[i] = sums.tolist()
     model.train(was_training)
     return scores
@@ -154,13 +172,32 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, list[Example]], cfg: Confi
     items (evaluation sets are prefixes of a split)."""
     out = {}
     specs = cfg.task_specs(list(tasks))
-    max_length, batch_size = cfg.model.max_length, cfg.run.eval_batch_size
+    max_length, batch = eval_length(cfg, model, tokenizer), (cfg.run.eval_batch_size, cfg.run.eval_batch_tokens)
     for task, exs in tasks.items():
         if specs[task].generative:
-            out[task] = evaluate_generation(model, tokenizer, exs, specs[task], max_length, batch_size, decoding(cfg),
+            out[task] = evaluate_generation(model, tokenizer, exs, specs[task], max_length, *batch, decoding(cfg),
                                             f"{label} {task}", curve_items)
-            continue
-        scores = choice_logprobs(model, tokenizer, exs, max_length, batch_size, f"eval {label} {task}")
-        out[task] = accuracy(exs, scores, items=True)
-        out[task]["curve"] = accuracy(exs[:curve_items], scores[:curve_items])
+        else:
+            requests = [_request(tokenizer, ex, max_length) for ex in exs]
+            scores = score_requests(model, [r[:2] for r in requests], tokenizer.pad_token_id, *batch,
+                                    f"eval {label} {task}")
+            out[task] = accuracy(exs, scores, items=True) | {"truncated": sum(r[2] for r in requests)}
+            out[task]["curve"] = accuracy(exs[:curve_items], scores[:curve_items])
+        if out[task]["truncated"]:
+            log.warning("%s %s: %d of %d items exceed the evaluation length of %d tokens (run.eval_max_length) and "
+                        "are scored on cut text", label, task, out[task]["truncated"], len(exs), max_length)
     return out
+
+
+def eval_length(cfg: Config, model, tokenizer) -> int:
+    """The longest sequence evaluation scores: run.eval_max_length, or else the model's own context length as
+    lm-evaluation-harness reads it (its config's position limit), or the tokenizer's model_max_length where
+    that is lower (transformers' huge sentinel = unset)."""
+    if cfg.run.eval_max_length is not None:
+        return cfg.run.eval_max_length
+    stated = [getattr(model.config, a, None) for a in ("n_positions", "max_position_embeddings", "n_ctx")]
+    limits = [n for n in stated + [tokenizer.model_max_length] if isinstance(n, int) and n < VERY_LARGE_INTEGER]
+    if not limits:
+        raise ConfigError(f"run.eval_max_length: model {tokenizer.name_or_path!r} states no context length (no "
+                          f"max_position_embeddings in its config, no model_max_length in its tokenizer): set it")
+    return min(limits)

@@ -19,10 +19,13 @@ from fedcollm.data.batching import (
     answer_logits,
     apply_chat,
     collate,
-    encode_response,
+    fit_response,
     prompt_text,
+    response_parts,
+    token_groups,
 )
 from fedcollm.data.tasks import GenExample
+from fedcollm.errors import ConfigError
 from fedcollm.metrics import score_text
 
 
@@ -46,11 +49,14 @@ class Generated:
         return len(self.ids)
 
 
-def prompt_ids(tokenizer, ex: GenExample, max_length: int, max_new_tokens: int) -> list[int]:
-    """The prompt's tokens, cut from the left so prompt and generation fit max_length (the prompt keeps at least
-    half of it)."""
+def prompt_ids(tokenizer, ex: GenExample, max_length: int, max_new_tokens: int) -> tuple[list[int], bool]:
+    """The prompt's tokens, cut from the left so that prompt and generation fit max_length, and whether it was cut."""
+    room = max_length - max_new_tokens
+    if room < 1:
+        raise ConfigError(f"task {ex.task!r}: max_new_tokens = {max_new_tokens} leaves no room for a prompt in the "
+                          f"evaluation length of {max_length} tokens: raise run.eval_max_length")
     ids = tokenizer(prompt_text(tokenizer, ex), add_special_tokens=False)["input_ids"]
-    return ids[-max(max_length - max_new_tokens, max_length // 2):]
+    return ids[-room:], len(ids) > room
 
 
 def stop_texts(tokenizer, ex: GenExample, stop: list[str]) -> list[str]:
@@ -79,8 +85,10 @@ def _ending(ids: list[int], tokenizer, stop: list[str], ends: set[int]) -> int:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop: list[str], batch_size: int,
-             decoding: Decoding = Decoding(), desc: str = "generate") -> list[Generated]:
-    """Each prompt's continuation, `batch_size` prompts per `generate` call (longest first, left-padded)."""
+             decoding: Decoding = Decoding(), desc: str = "generate",
+             batch_tokens: int | None = None) -> list[Generated]:
+    """Each prompt's continuation, at most `batch_size` prompts and `batch_tokens` tokens (rows x (longest prompt
+    + max_new_tokens); None = no bound) per `generate` call, longest first, left-padded."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ends = {t for t in (tokenizer.eos_token_id, pad) if t is not None}
@@ -88,12 +96,12 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, st
                               eos_token_id=tokenizer.eos_token_id, stop_strings=stop or None,
                               **({"temperature": decoding.temperature, "top_p": decoding.top_p, "top_k": 0}
                                  if decoding.sample else {}))
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[Generated | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        chunk = order[start:start + batch_size]
+    start = 0  # prompts before this chunk, longest first: seeds the chunk's sampling
+    for chunk in tqdm(token_groups([len(p) + max_new_tokens for p in prompts], batch_size, batch_tokens), desc=desc,
+                      leave=False):
         width = max(len(prompts[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -107,28 +115,28 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, st
         for row, i in enumerate(chunk):
             ids = new[row][:_ending(new[row], tokenizer, stop, ends)]
             out[i] = Generated(_cut(tokenizer.decode(ids, skip_special_tokens=True), stop), ids)
+        start += len(chunk)
     model.train(was_training)
     return out
 
 
 @torch.no_grad()
-def response_nll(model, tokenizer, examples: list[GenExample], max_length: int,
-                 batch_size: int) -> list[tuple[float, int]]:
-    """(summed negative log-likelihood, token count) of each example's reference response as it is trained on (its
-    end token included), given its prompt."""
-    encoded = [encode_response(tokenizer, ex, max_length) for ex in examples]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+def response_nll(model, tokenizer, examples: list[GenExample], max_length: int, batch_size: int,
+                 batch_tokens: int | None = None) -> list[tuple[float, int, bool]]:
+    """(summed negative log-likelihood, token count, whether max_length cut prompt or response) of each example's
+    reference response as it is trained on (its end token included), given its prompt; batched as `generate`."""
+    parts = [response_parts(tokenizer, ex) for ex in examples]
+    encoded = [fit_response(prompt, answer, max_length) for prompt, answer in parts]
     device = next(model.parameters()).device
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    out: list[tuple[float, int, bool]] = [(0.0, 0, False)] * len(encoded)
     was_training = model.training
     model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in token_groups([len(ids) for ids, _ in encoded], batch_size, batch_tokens):
         batch = collate([encoded[i] for i in chunk], tokenizer.pad_token_id).to(device)
         nll = F.cross_entropy(answer_logits(model, batch).transpose(1, 2), batch.targets, reduction="none")
         nll = (nll * batch.target_mask).sum(1).tolist()
         for row, i in enumerate(chunk):
-            out[i] = (nll[row], encoded[i][1])
+            out[i] = (nll[row], encoded[i][1], sum(map(len, parts[i])) > max_length)
     model.train(was_training)
     return out
 
@@ -148,20 +156,26 @@ def summarize(items: list[dict], metrics: list[str]) -> dict:
 
 
 def evaluate_generation(model, tokenizer, examples: list[GenExample], spec: TaskConfig, max_length: int,
-                        batch_size: int, decoding: Decoding = Decoding(), label: str = "",
-                        curve_items: int | None = None) -> dict:
-    """A generation task's scores (`spec.metrics`), its items under "items", its speed under "generation" and under
-    "curve" the scores of its first `curve_items` items (None = all)."""
+                        batch_size: int, batch_tokens: int | None = None, decoding: Decoding = Decoding(),
+                        label: str = "", curve_items: int | None = None) -> dict:
+    """A generation task's scores (`spec.metrics`), its items under "items", its speed under "generation", how many
+    items max_length cut (prompt, or the reference pair perplexity reads) under "truncated", and under "curve"
+    the scores of its first `curve_items` items (None = all)."""
     items = [{"id": ex.id, "prompt": ex.context, "reference": ex.references[0]} for ex in examples]
     out: dict = {}
+    cut = [False] * len(examples)
     if "perplexity" in spec.metrics:
-        for item, (nll, tokens) in zip(items, response_nll(model, tokenizer, examples, max_length, batch_size)):
+        scored = response_nll(model, tokenizer, examples, max_length, batch_size, batch_tokens)
+        for item, (nll, tokens, _) in zip(items, scored):
             item |= {"nll": nll, "tokens": tokens}
+        cut = [c or was_cut for c, (_, _, was_cut) in zip(cut, scored)]
     if set(spec.metrics) - {"perplexity"}:
-        prompts = [prompt_ids(tokenizer, ex, max_length, spec.max_new_tokens) for ex in examples]
+        prompts, prompt_cut = zip(*(prompt_ids(tokenizer, ex, max_length, spec.max_new_tokens) for ex in examples))
+        cut = [c or was_cut for c, was_cut in zip(cut, prompt_cut)]
         t0 = time.perf_counter()
-        written = generate(model, tokenizer, prompts, spec.max_new_tokens,
-                           stop_texts(tokenizer, examples[0], spec.stop), batch_size, decoding, f"generate {label}")
+        written = generate(model, tokenizer, list(prompts), spec.max_new_tokens,
+                           stop_texts(tokenizer, examples[0], spec.stop), batch_size, decoding, f"generate {label}",
+                           batch_tokens)
         seconds = time.perf_counter() - t0
         for item, ex, gen in zip(items, examples, written):
             item |= {"generation": gen.text, "generated_tokens": gen.tokens}
@@ -169,5 +183,5 @@ def evaluate_generation(model, tokenizer, examples: list[GenExample], spec: Task
         tokens = sum(g.tokens for g in written)
         out["generation"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                              "decoding": "sample" if decoding.sample else "greedy"}
-    return summarize(items, spec.metrics) | out | {"items": items,
+    return summarize(items, spec.metrics) | out | {"truncated": sum(cut), "items": items,
                                                    "curve": summarize(items[:curve_items], spec.metrics)}

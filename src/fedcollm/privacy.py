@@ -20,9 +20,9 @@ import random
 
 import torch
 
+from fedcollm.comm import AdapterState
 from fedcollm.config import DPConfig
 from fedcollm.errors import ConfigError
-from fedcollm.models.lora import AdapterState
 
 
 def clip_change(update: AdapterState, sent: AdapterState, clip_norm: float) -> AdapterState:

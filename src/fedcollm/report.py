@@ -13,20 +13,22 @@ from fedcollm.fileio import (
     atomic_write_text,
     read_json_file,
 )
+from fedcollm.methods import REGISTRY, headline
 from fedcollm.runs import RunDir
 
-LLM_ROWS = ("zero_shot", "centralized", "fedcollm", "fedmkt")
-SLM_ROWS = ("zero_shot", "standalone", "fedavg", "fedcollm", "fedmkt")
-NAMES = {"zero_shot": "Zero-Shot", "standalone": "Standalone", "fedavg": "FedAvg", "centralized": "Centralized",
-         "fedcollm": "FedCoLLM", "fedmkt": "FedMKT"}
 TIMING_KEYS = ("round_s", "client_train_s", "aggregate_s", "server_kd_s", "eval_s", "checkpoint_s", "kd_step_s")
+
+
+def table_rows(which: str) -> list[str]:
+    """The methods with a row in the `which` ("llm" or "slm") tables, in registry order."""
+    return [m for m, spec in REGISTRY.items() if which in spec.scores]
 
 
 def _metric(final: dict, which: str, metric: str) -> dict[str, float]:
     return {task: m[metric] for task, m in final.get(which, {}).items() if metric in m}
 
 
-GENERATION_FIELDS = ("rouge_l", "token_f1", "exact_match", "perplexity", "nll_per_token", "n")
+GENERATION_FIELDS = ("rouge_l", "token_f1", "exact_match", "perplexity", "nll_per_token", "n", "truncated")
 SAMPLES = 3  # items per generation task shown side by side in results.md
 
 
@@ -74,15 +76,17 @@ def build_results(run: RunDir, setting: dict, communication: dict, extra_timing:
     generative = [t for t in everything if specs[t].generative]
     finals = {m: run.read_final(m) for m in cfg.run.methods}
     finals = {m: f for m, f in finals.items() if f is not None}
-    results: dict = {"setting": setting, "tasks": tasks, "llm": {}, "slm": {}, "acc_norm": {"llm": {}, "slm": {}}}
+    results: dict = {"setting": setting, "tasks": tasks, "llm": {}, "slm": {}, "acc_norm": {"llm": {}, "slm": {}},
+                     "truncated": {"llm": {}, "slm": {}}}
     if generative:
         results |= {"generation_tasks": generative, "generation": generation_results(finals, generative),
                     "samples": generation_samples(finals, generative)}
-    for which, rows in (("llm", LLM_ROWS), ("slm", SLM_ROWS)):
-        for m in rows:
+    for which in ("llm", "slm"):
+        for m in table_rows(which):
             if m in finals and which in finals[m]:
                 results[which][m] = _metric(finals[m], which, "acc")
                 results["acc_norm"][which][m] = _metric(finals[m], which, "acc_norm")
+                results["truncated"][which][m] = _metric(finals[m], which, "truncated")
     if "standalone" in finals:
         results["slm_standalone_clients"] = {c: _metric({"x": f}, "x", "acc")
                                              for c, f in finals["standalone"]["slm_clients"].items()}
@@ -91,7 +95,7 @@ def build_results(run: RunDir, setting: dict, communication: dict, extra_timing:
     results["n_eval"] = {t: any_block[t]["n"] for t in everything if t in any_block}
     results["budget"] = {m: training_budget(run, m) for m in finals}
     results["communication"] = communication
-    results["timing"] = round_timing(run, "fedcollm" if "fedcollm" in finals else None) | (extra_timing or {})
+    results["timing"] = round_timing(run, headline() if headline() in finals else None) | (extra_timing or {})
     spent = {m: dp_spent(run, m) for m in finals}
     if any(spent.values()):
         results["dp"] = {m: s for m, s in spent.items() if s}
@@ -133,14 +137,15 @@ def _row(values: dict[str, float], tasks: list[str]) -> str:
     return " | ".join(cells + [avg])
 
 
-def _verdicts(results: dict, which: str, rows: tuple[str, ...]) -> list[str]:
-    """Plain statements of where FedCoLLM does and does not beat each baseline (no cherry-picking)."""
-    ours = results[which].get("fedcollm")
+def _verdicts(results: dict, which: str) -> list[str]:
+    """Plain statements of where the method under study does and does not beat each baseline (no cherry-picking)."""
+    name = headline()
+    ours = results[which].get(name)
     out = []
     if not ours:
         return out
-    for base in rows:
-        if base == "fedcollm" or base not in results[which]:
+    for base in table_rows(which):
+        if base == name or base not in results[which]:
             continue
         theirs = results[which][base]
         common = [t for t in results["tasks"] if t in ours and t in theirs]
@@ -149,31 +154,47 @@ def _verdicts(results: dict, which: str, rows: tuple[str, ...]) -> list[str]:
         wins = [t for t in common if ours[t] > theirs[t]]
         losses = [t for t in common if ours[t] < theirs[t]]
         d = 100 * sum(ours[t] - theirs[t] for t in common) / len(common)
-        out.append(f"- {which.upper()} FedCoLLM vs {NAMES[base]}: {d:+.1f} points on average; better on "
+        out.append(f"- {which.upper()} {REGISTRY[name].title} vs {REGISTRY[base].title}: {d:+.1f} points on average; better on "
                    f"{', '.join(wins) or 'no task'}; worse on {', '.join(losses) or 'no task'}.")
     return out
 
 
+def truncation_note(results: dict, models: tuple[str, ...], tasks: list[str]) -> list[str]:
+    """A line under a table naming, by method and model, each task whose items were scored on text cut to the
+    evaluation length, with their count; none cut (or results from before the count): no line, the table as was."""
+    cut = [f"{REGISTRY[m].title} {which.upper()} {t} {n} of {results['n_eval'].get(t, '?')}" for which in models
+           for m, row in results.get("truncated", {}).get(which, {}).items()
+           for t, n in row.items() if t in tasks and n]
+    if not cut:
+        return []
+    return ["", f"Items scored on text cut to the evaluation length (run.eval_max_length): {'; '.join(cut)}."]
+
+
 def accuracy_markdown(results: dict) -> list[str]:
-    """Tables 1 and 2: the choice tasks' accuracy by method, with FedCoLLM's verdicts and acc_norm."""
+    """Tables 1 and 2: the choice tasks' accuracy by method, with the verdicts of the method under study and
+    acc_norm."""
     tasks = results["tasks"]
     head = "| method | " + " | ".join(tasks) + " | avg |\n|---|" + "---|" * (len(tasks) + 1)
     n = ", ".join(f"{t} {results['n_eval'].get(t, '?')}" for t in tasks)
     lines = [f"Zero-shot accuracy (%, lm-evaluation-harness `acc`) on the first N items of each task's evaluation "
              f"split: N = {n}.", "", "## Table 1: server LLM", "", head]
-    lines += [f"| {NAMES[m]} | {_row(v, tasks)} |" for m, v in results["llm"].items()]
-    lines += ["", "## Table 2: client SLMs (FedAvg/FedCoLLM: the broadcast adapter every client holds; Standalone: "
+    lines += [f"| {REGISTRY[m].title} | {_row(v, tasks)} |" for m, v in results["llm"].items()]
+    lines += truncation_note(results, ("llm",), tasks)
+    shared = "/".join(spec.title for spec in REGISTRY.values() if spec.shares_adapter is True)
+    lines += ["", f"## Table 2: client SLMs ({shared}: the broadcast adapter every client holds; Standalone: "
               "mean over clients)", "", head]
-    lines += [f"| {NAMES[m]} | {_row(v, tasks)} |" for m, v in results["slm"].items()]
+    lines += [f"| {REGISTRY[m].title} | {_row(v, tasks)} |" for m, v in results["slm"].items()]
     for client, v in results.get("slm_standalone_clients", {}).items():
         lines.append(f"| Standalone {client} | {_row(v, tasks)} |")
-    lines += ["", "### FedCoLLM against each baseline", ""]
-    lines += _verdicts(results, "llm", LLM_ROWS) + _verdicts(results, "slm", SLM_ROWS) or ["- (FedCoLLM not run)"]
+    lines += truncation_note(results, ("slm",), tasks)
+    ours = REGISTRY[headline()].title
+    lines += ["", f"### {ours} against each baseline", ""]
+    lines += _verdicts(results, "llm") + _verdicts(results, "slm") or [f"- ({ours} not run)"]
     for which in ("llm", "slm"):
         norm = results.get("acc_norm", {}).get(which)
         if norm:
             lines += ["", f"acc_norm ({which.upper()}):", "", head]
-            lines += [f"| {NAMES[m]} | {_row(v, tasks)} |" for m, v in norm.items()]
+            lines += [f"| {REGISTRY[m].title} | {_row(v, tasks)} |" for m, v in norm.items()]
     return lines
 
 
@@ -193,7 +214,7 @@ def to_markdown(results: dict) -> str:
                   f"{c['bytes_up_per_round']:,} | {c['bytes_down_per_round']:,} |"]
     t = results.get("timing", {})
     if t:
-        lines += ["", "## Timing (FedCoLLM, mean per round, seconds)", "", "| " + " | ".join(t) + " |",
+        lines += ["", f"## Timing ({REGISTRY[headline()].title}, mean per round, seconds)", "", "| " + " | ".join(t) + " |",
                   "|" + "---|" * len(t), "| " + " | ".join(f"{v:.3f}" for v in t.values()) + " |"]
     lines += ["", "Setting: `" + json.dumps(s) + "`", ""]
     return "\n".join(lines)
@@ -212,7 +233,8 @@ def generation_markdown(results: dict) -> list[str]:
                     pct = [f"{100 * r[k]:.1f}" if k in r else "–" for k in ("rouge_l", "token_f1", "exact_match")]
                     ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "–"
                     speed = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "–"
-                    lines.append(f"| {NAMES[m]} | {which.upper()} | " + " | ".join(pct + [ppl, speed]) + " |")
+                    lines.append(f"| {REGISTRY[m].title} | {which.upper()} | " + " | ".join(pct + [ppl, speed]) + " |")
+        lines += truncation_note(results, ("llm", "slm"), [task])
         for item in results.get("samples", {}).get(task, []):
             lines += ["", f"**{task} {item['id']}**", "", "```", item["prompt"].strip()[-400:], "```",
                       f"- reference: {item['reference']!r}"]
@@ -253,10 +275,10 @@ def plot_rounds(run: RunDir, results: dict, path: Path) -> None:
         start = _curve_points([{"round": 0, "eval": zero_shot}], which, tasks)
         for n, pts in start.items():
             ax.axhline(pts[0][1], ls="--", color="gray", label=f"Zero-Shot (N={n})")
-        for method in ("fedcollm", "fedmkt", "fedavg", "centralized", "standalone"):
+        for method in REGISTRY:
             for n, pts in _curve_points(run.read_metrics(method), which, tasks).items():
                 pts = start.get(n, []) + pts  # round 0 = the untrained model, on the same items
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{NAMES[method]} (N={n})")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{REGISTRY[method].title} (N={n})")
                 sizes.add(n)
         ax.set_title(f"{which.upper()} mean {'accuracy' if results['tasks'] else 'score'} over {len(tasks)} task(s)")
         ax.set_xlabel("round")
@@ -289,7 +311,7 @@ def load_results(run: RunDir) -> dict:
     tasks = results["tasks"]
     for which in ("llm", "slm"):
         for method, row in results[which].items():
-            if method not in NAMES or not isinstance(row, dict) or not all(
+            if method not in REGISTRY or not isinstance(row, dict) or not all(
                     isinstance(v, (int, float)) for v in row.values()) or not set(row) <= set(tasks):
                 raise RunDirError(f"{path}: {which}.{method} is not a row of per-task accuracies for {tasks}")
     return results

@@ -26,10 +26,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedcollm.aggregate import state_problem
+from fedcollm.comm import AdapterState
 from fedcollm.config import Config
 from fedcollm.errors import RunDirError
 from fedcollm.fileio import atomic_write_json, atomic_write_text, read_json_file
-from fedcollm.models.lora import AdapterState, load_adapter_state
+from fedcollm.models.lora import load_adapter_state
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from fedcollm.algorithms.training import check_autocast
+from fedcollm.comm import AdapterState
 from fedcollm.config import Config
 from fedcollm.data.batching import SFTData
 from fedcollm.data.partition import (
@@ -23,7 +25,8 @@ from fedcollm.data.partition import (
 )
 from fedcollm.data.tasks import Example, load_scored_split
 from fedcollm.errors import ConfigError, ModelError
-from fedcollm.models.lora import AdapterState, adapter_state, add_lora
+from fedcollm.methods import method_class
+from fedcollm.models.lora import adapter_state, add_lora
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +54,10 @@ def load_data(cfg: Config, clients: bool = True) -> tuple[FederatedSplit, dict[s
 
 def _check_server_only(cfg: Config) -> None:
     """Refuse what a server without the clients' rows cannot do, before any model loads."""
-    from fedcollm.methods import METHOD_CLASSES  # the methods import this module
-
     if not cfg.data.aux_tasks:
         raise ConfigError("data.aux_tasks: empty, so D^a would be cut from the train splits of data.tasks and the "
                           "server would need every client's rows; name the task(s) whose train split is D^a")
-    pooled = [m for m in cfg.run.methods if METHOD_CLASSES[m].needs_client_data]
+    pooled = [m for m in cfg.run.methods if method_class(m).needs_client_data]
     if pooled:
         raise ConfigError(f"run.methods: {', '.join(pooled)} trains on every client's shard on the server, which "
                           f"a Flower server does not hold; run it with the in-process engine")
@@ -120,6 +121,8 @@ class Workbench:
         and tokenizer of every other name in model.client_slms. A model that uses the LLM's tokenizer object
         shares its encoding of D^a."""
         seed = cfg.run.seed
+        for model in [llm, slm, *(m for m, _ in (client_slms or {}).values())]:
+            check_autocast(cfg.train, model)  # on the resolved device and dtype, before anything runs
         split, eval_sets = data or load_data(cfg)
         llm = add_lora(llm, cfg.model.lora, seed)
         max_len = cfg.model.max_length
@@ -165,11 +168,13 @@ class Workbench:
             dtype = resolve_dtype(cfg.model.dtype, device, path)
             log.info("loading SLM %s as %s on %s", name, dtype, device)
             # one vocabulary as the LLM's: one tokenizer, so D^a is encoded once and FedCoLLM distils step by step
-            return load_model(path, dtype, device), tokenizer if tok.get_vocab() == tokenizer.get_vocab() else tok
+            model = load_model(path, dtype, device, cfg.model.quantize)
+            return model, tokenizer if tok.get_vocab() == tokenizer.get_vocab() else tok
 
         slm, slm_tokenizer = load(cfg.model.slm)
         others = {name: load(name) for name in dict.fromkeys(cfg.client_models()) if name != cfg.model.slm}
         dtype = resolve_dtype(cfg.model.dtype, device, llm_dir)
         log.info("loading LLM %s as %s on %s", cfg.model.llm, dtype, device)
-        return cls.from_models(cfg, load_model(llm_dir, dtype, device), slm, tokenizer, llm_name=cfg.model.llm,
-                               slm_name=cfg.model.slm, data=data, slm_tokenizer=slm_tokenizer, client_slms=others)
+        llm = load_model(llm_dir, dtype, device, cfg.model.quantize)
+        return cls.from_models(cfg, llm, slm, tokenizer, llm_name=cfg.model.llm, slm_name=cfg.model.slm, data=data,
+                               slm_tokenizer=slm_tokenizer, client_slms=others)

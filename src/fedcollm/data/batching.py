@@ -34,6 +34,20 @@ class AnswerBatch:
     def keep(self) -> int:
         return self.targets.shape[1]
 
+    @property
+    def tokens(self) -> int:
+        """Answer tokens: what every token-mean loss on this batch averages over."""
+        return int(self.target_mask.sum())
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, rows: slice) -> "AnswerBatch":
+        """These rows alone, trimmed to their own padding: what `collate` makes of their examples (a micro-batch)."""
+        length, keep = int(self.attention_mask[rows].sum(1).max()), int(self.target_mask[rows].sum(1).max())
+        return AnswerBatch(self.input_ids[rows, -length:], self.attention_mask[rows, -length:],
+                           self.position_ids[rows, -length:], self.targets[rows, -keep:], self.target_mask[rows, -keep:])
+
     def to(self, device) -> "AnswerBatch":
         return AnswerBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
                                                      self.targets, self.target_mask)))
@@ -52,11 +66,13 @@ def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> 
 
 
 def encode_response(tokenizer, ex: GenExample, max_length: int) -> tuple[list[int], int]:
-    """Token ids of a generation example's prompt and response, and the response's token count. The response ends
-    as a model should learn to stop: the chat template's end of turn, or else the tokenizer's end-of-text token.
-    Over max_length, the response keeps its start (cut at its end, then without the end token) but leaves the
-    prompt at least half of max_length (or all of a shorter prompt); the prompt, cut from the left as prompts are
-    everywhere, fills the rest."""
+    """Token ids of a generation example's prompt and response, and the response's token count (`fit_response`)."""
+    return fit_response(*response_parts(tokenizer, ex), max_length)
+
+
+def response_parts(tokenizer, ex: GenExample) -> tuple[list[int], list[int]]:
+    """A generation example's prompt tokens and response tokens, whole. The response ends as a model should learn
+    to stop: the chat template's end of turn, or else the tokenizer's end-of-text token."""
     context, response = prompt_text(tokenizer, ex), ex.target
     eos = []
     if ex.chat:
@@ -66,7 +82,13 @@ def encode_response(tokenizer, ex: GenExample, max_length: int) -> tuple[list[in
     elif tokenizer.eos_token_id is not None:
         eos = [tokenizer.eos_token_id]
     ids, n = encode_pair(tokenizer, context, response, 1 << 30)
-    prompt, answer = ids[:len(ids) - n], ids[len(ids) - n:] + eos
+    return ids[:len(ids) - n], ids[len(ids) - n:] + eos
+
+
+def fit_response(prompt: list[int], answer: list[int], max_length: int) -> tuple[list[int], int]:
+    """prompt + answer within max_length, and the answer's kept token count. Over max_length, the answer keeps its
+    start (cut at its end, then without the end token) but leaves the prompt at least half of max_length (or all
+    of a shorter prompt); the prompt, cut from the left as prompts are everywhere, fills the rest."""
     if len(prompt) + len(answer) > max_length:
         answer = answer[:max_length - min(len(prompt), max_length // 2)]
         prompt = prompt[len(prompt) - (max_length - len(answer)):]
@@ -112,6 +134,21 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> AnswerBatch:
     return AnswerBatch(input_ids, attention_mask, position_ids, input_ids[:, -keep:].clone(), target_mask)
 
 
+def token_groups(lengths: list[int], max_items: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices, longest first, in groups of at most `max_items` whose rows x longest row stays within
+    `max_tokens` (None = no bound; an item longer than it goes alone), so that a left-padded batch's memory
+    stays bounded however long its items are."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = groups and len(groups[-1]) < max_items and (
+            max_tokens is None or (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens)
+        if fits:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def last_positions(length: int, count: int, device, end: int = 0) -> torch.Tensor:
     """Positions [length - count - end, length - end) as an index tensor for `logits_to_keep`: transformers slices
     a count as a strided view, on which the lm_head runs as a batched matmul at about 2.4x the time of one
@@ -122,17 +159,18 @@ def last_positions(length: int, count: int, device, end: int = 0) -> torch.Tenso
 
 # cuDNN's attention, which PyTorch picks by default for bf16/fp16 on Hopper GPUs, gives NaN gradients when a query
 # row attends to nothing, as the pad rows of a left-padded batch do (its forward is fine); the memory-efficient and
-# math kernels handle such rows. Measured on an H200 with torch 2.11 (tests/test_cuda.py; README, "On a GPU").
+# math kernels handle such rows. Measured on an H200, torch 2.11 (tests/test_cuda.py; docs/benchmarks.md "On a GPU").
 TRAINABLE_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 def answer_logits(model, batch: AnswerBatch) -> torch.Tensor:
     """Float logits [B, K, V] predicting the last K tokens (the continuation positions); on CUDA through attention
-    kernels whose backward survives the pad rows."""
+    kernels whose backward survives the pad rows. No KV cache: nothing is generated, and under activation
+    checkpointing a cache would keep every layer's keys and values."""
     ids = batch.input_ids
     with sdpa_kernel(TRAINABLE_ATTENTION) if ids.is_cuda else nullcontext():
         out = model(input_ids=ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                    logits_to_keep=last_positions(ids.shape[1], batch.keep, ids.device, end=1))
+                    logits_to_keep=last_positions(ids.shape[1], batch.keep, ids.device, end=1), use_cache=False)
     return out.logits.float()
 
 

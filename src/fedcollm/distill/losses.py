@@ -115,13 +115,15 @@ def choice_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temper
 
 
 def choice_distill_loss(student_scores: list[torch.Tensor], teacher_scores: torch.Tensor, answers: list[int],
-                        gold_tokens: list[int], kd_weight: float, temperature: float = 1.0
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
+                        gold_tokens: list[int], kd_weight: float, temperature: float = 1.0,
+                        shares: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, dict[str, float]]:
     """CE + lambda * choice_kl on a batch of items: CE is the gold choice's answer-token cross-entropy (its
     summed log-prob over its token count, as `answer_ce` averages) on the labelled items (answer >= 0); items
-    without a label (the unlabelled public pool) learn from the teacher's choice distribution alone."""
+    without a label (the unlabelled public pool) learn from the teacher's choice distribution alone.
+    Where the batch is a micro-batch of a larger one, `shares` scales CE and KL by its share of that batch's labelled
+    gold tokens and of its items, so that the micro-batches' losses add up to the whole batch's."""
     labelled = [i for i, a in enumerate(answers) if a >= 0]
     ce = (-sum(student_scores[i][answers[i]] for i in labelled) / sum(gold_tokens[i] for i in labelled)
-          if labelled else torch.zeros((), device=teacher_scores.device))
-    kl = choice_kl(pad_choices(student_scores), teacher_scores, temperature)
+          if labelled else torch.zeros((), device=teacher_scores.device)) * shares[0]
+    kl = choice_kl(pad_choices(student_scores), teacher_scores, temperature) * shares[1]
     return ce + kd_weight * kl, {"ce": ce.detach().item(), "kl": kl.detach().item()}

@@ -17,8 +17,8 @@ from fedcollm.aggregate import validate_update
 from fedcollm.algorithms.training import unit_seed
 from fedcollm.comm import Payload, pack, unpack
 from fedcollm.errors import FederationError, InvalidUpdate
-from fedcollm.methods import METHOD_CLASSES, Method
-from fedcollm.methods.base import Budget, ClientResources, States, curve_items
+from fedcollm.methods import method_class
+from fedcollm.methods.base import Budget, ClientResources, Method, States, curve_items
 from fedcollm.privacy import (
     clipped_sum,
     dp_record,
@@ -67,7 +67,7 @@ class SimulatedClient:
         self.examples = len(wb.client_data[k])
 
     def fit(self, blob: bytes, round_idx: int, method: str) -> bytes:
-        return pack(METHOD_CLASSES[method].client_fit(self.resources, unpack(blob, "server"), round_idx))
+        return pack(method_class(method).client_fit(self.resources, unpack(blob, "server"), round_idx))
 
 
 class InProcessTransport:
@@ -117,7 +117,7 @@ def run_method(wb: Workbench, name: str, run: RunDir, transport: Transport | Non
     final = run.read_final(name)
     if final is not None:
         return final
-    method = METHOD_CLASSES[name](wb)
+    method = method_class(name)(wb)
     if not method.trains:
         final = method.evaluate(method.initial_states([]), None, 0)
         run.write_final(name, final)

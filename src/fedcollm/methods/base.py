@@ -13,11 +13,12 @@ import torch
 
 from fedcollm.aggregate import bound_changes, combine, validate_update
 from fedcollm.algorithms.training import client_update, unit_seed
-from fedcollm.comm import Payload
+from fedcollm.comm import AdapterState, Payload
 from fedcollm.config import Config
 from fedcollm.data.batching import SFTData
 from fedcollm.evaluate import evaluate_tasks
-from fedcollm.models.lora import AdapterState, load_adapter_state
+from fedcollm.methods import REGISTRY
+from fedcollm.models.lora import load_adapter_state
 from fedcollm.workbench import Workbench
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,13 @@ def evaluate_state(wb: Workbench, which: str, state: AdapterState, limit: int | 
 
 
 def mean_over_clients(per_client: list[dict]) -> dict:
-    """The paper's Table 2 'mean' column: each task's scores (and curve points) averaged over clients."""
+    """The paper's Table 2 'mean' column: each task's scores (and curve points) averaged over clients; "truncated"
+    is the most items any client's evaluation cut (clients' tokenizers and context lengths may differ)."""
     def mean(blocks: list[dict]) -> dict:
         numbers = [m for m, v in blocks[0].items() if isinstance(v, float)]
         out = {m: sum(b[m] for b in blocks) / len(blocks) for m in numbers}
+        if "truncated" in blocks[0]:
+            out["truncated"] = max(b["truncated"] for b in blocks)
         if "generation" in blocks[0]:  # generation speed, averaged too
             out["generation"] = mean([b["generation"] for b in blocks]) | {"decoding": blocks[0]["generation"]["decoding"]}
         return out | {k: blocks[0][k] for k in ("n", "metric") if k in blocks[0]}
@@ -94,13 +98,17 @@ class Method:
 
     name: ClassVar[str] = "zero_shot"
     trains: ClassVar[bool] = False  # False: evaluated once, no rounds
-    scores: ClassVar[tuple[str, ...]] = ("llm", "slm")  # which models its table rows report
     shared: ClassVar[str | None] = None  # the state every client trains and the server averages (DP noise goes here)
     needs_public: ClassVar[bool] = False  # True: clients must also hold the public set D^a (ClientResources.public)
     needs_client_data: ClassVar[bool] = False  # True: the server trains on the clients' shards (so not on Flower)
 
     def __init__(self, wb: Workbench):
         self.wb = wb
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The models this method is scored on, as registered (the report's rows)."""
+        return REGISTRY[self.name].scores
 
     def initial_states(self, clients: list[str]) -> States:
         return {"slm": self.wb.slm_init, "llm": self.wb.llm_init}
@@ -115,7 +123,8 @@ class Method:
         `res` and the task, never the server). Default: E local epochs of SFT from the adapter it was sent."""
         fed = res.cfg.federation
         theta, n, step_log = client_update(res.slm, task.tensors, res.data, fed.local_epochs, fed.client_lr,
-                                           fed.batch_size, unit_seed(res.cfg.run.seed, round_idx, res.index))
+                                           fed.batch_size, unit_seed(res.cfg.run.seed, round_idx, res.index),
+                                           train=res.cfg.train)
         log.debug("%s round %d: loss %.4f", res.name, round_idx, step_log.mean_loss)
         return Payload(theta, n)
 

@@ -15,7 +15,6 @@ class Centralized(Method):
 
     name = "centralized"
     trains = True
-    scores = ("llm",)
     needs_client_data = True
 
     @cached_property
@@ -28,7 +27,8 @@ class Centralized(Method):
         wb, fed, union = self.wb, self.wb.cfg.federation, self.union
         load_adapter_state(wb.llm, states["llm"])
         log = sft_steps(wb.llm, union, fed.local_epochs * union.steps_per_epoch(fed.batch_size), fed.client_lr,
-                        fed.batch_size, unit_seed(wb.cfg.run.seed, r, -1), f"centralized LLM SFT r{r}")
+                        fed.batch_size, unit_seed(wb.cfg.run.seed, r, -1), f"centralized LLM SFT r{r}",
+                        train=wb.cfg.train)
         steps = len(log.losses)
         return (states | {"llm": adapter_state(wb.llm)},
                 {"train_loss": log.mean_loss,

@@ -16,6 +16,7 @@ from fedcollm.algorithms.training import (
 )
 from fedcollm.alignment.sequence import aligned_fraction
 from fedcollm.alignment.transfer import moved, row_targets
+from fedcollm.comm import AdapterState
 from fedcollm.errors import ModelError
 from fedcollm.evaluate import choice_logprobs
 from fedcollm.methods.base import (
@@ -26,7 +27,7 @@ from fedcollm.methods.base import (
     evaluate_state,
     mean_over_clients,
 )
-from fedcollm.models.lora import AdapterState, adapter_state, load_adapter_state
+from fedcollm.models.lora import adapter_state, load_adapter_state
 from fedcollm.workbench import Workbench
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ class Standalone(Method):
 
     name = "standalone"
     trains = True
-    scores = ("slm",)
 
     def initial_states(self, clients: list[str]) -> States:
         return {c: self.wb.held(c).init for c in clients}
@@ -66,7 +66,6 @@ class FedAvg(Method):
 
     name = "fedavg"
     trains = True
-    scores = ("slm",)
     shared = "slm"
 
     def client_task(self, states: States, client: str) -> AdapterState | None:
@@ -90,7 +89,6 @@ class FedCoLLM(FedAvg):
     distribution reaches the other through FedMKT's alignment (see `aligned_server_update`)."""
 
     name = "fedcollm"
-    scores = ("llm", "slm")
 
     def __init__(self, wb: Workbench):
         super().__init__(wb)
@@ -127,13 +125,13 @@ class FedCoLLM(FedAvg):
                         slm_examples=steps * d.batch_size)
         if d.schedule == "sequential":
             g = one_way_distill(wb.slm, wb.llm, wb.aux_data, steps, d.slm_weight, d.slm_temp, d.kl_direction,
-                                d.top_k, d.slm_lr, d.batch_size, seed, f"FedCoLLM SLM from LLM r{r}")
+                                d.top_k, d.slm_lr, d.batch_size, seed, f"FedCoLLM SLM from LLM r{r}", train=wb.cfg.train)
             f = one_way_distill(wb.llm, wb.slm, wb.aux_data, steps, d.kd_weight, d.temperature, d.kl_direction,
-                                d.top_k, d.llm_lr, d.batch_size, seed, f"FedCoLLM LLM from SLM r{r}")
+                                d.top_k, d.llm_lr, d.batch_size, seed, f"FedCoLLM LLM from SLM r{r}", train=wb.cfg.train)
             return halves_record(f, g) | {"budget": budget}, {"server_kd_s": f.seconds + g.seconds}
         kd = mutual_distill(wb.llm, wb.slm, wb.aux_data, steps, d.kd_weight, d.temperature, d.kl_direction,
                             d.top_k, d.llm_lr, d.slm_lr, d.batch_size, seed, teacher_eval=d.teacher_mode == "eval",
-                            slm_kd_weight=d.slm_kd_weight, slm_temperature=d.slm_temperature)
+                            slm_kd_weight=d.slm_kd_weight, slm_temperature=d.slm_temperature, train=wb.cfg.train)
         warm = kd.step_seconds[1:] or kd.step_seconds  # the first step pays one-off allocation costs
         return ({"kd_first": kd.stats[0], "kd_last": kd.stats[-1], "budget": budget},
                 {"server_kd_s": kd.seconds, "kd_step_s": sum(warm) / len(warm)})
@@ -149,13 +147,15 @@ class FedCoLLM(FedAvg):
         slm_scores = self._choice_scores(slm, aux, f"r{r} SLM")
         score_s = time.perf_counter() - t0
         g = choice_distill_steps(slm.model, slm.tokenizer, aux, llm_scores, steps, d.slm_lr, d.batch_size,
-                                 d.slm_weight, d.slm_temp, seed, wb.cfg.model.max_length, f"FedCoLLM SLM choices r{r}")
+                                 d.slm_weight, d.slm_temp, seed, wb.cfg.model.max_length, f"FedCoLLM SLM choices r{r}",
+                                 train=wb.cfg.train)
         if d.schedule == "sequential":
             t1 = time.perf_counter()
             slm_scores = self._choice_scores(slm, aux, f"r{r} SLM after")
             score_s += time.perf_counter() - t1
         f = choice_distill_steps(wb.llm, wb.tokenizer, aux, slm_scores, steps, d.llm_lr, d.batch_size, d.kd_weight,
-                                 d.temperature, seed, wb.cfg.model.max_length, f"FedCoLLM LLM choices r{r}")
+                                 d.temperature, seed, wb.cfg.model.max_length, f"FedCoLLM LLM choices r{r}",
+                                 train=wb.cfg.train)
         budget = Budget(llm_steps=steps, slm_steps=steps, llm_examples=steps * d.batch_size,
                         slm_examples=steps * d.batch_size)
         return (halves_record(f, g) | {"budget": budget},
@@ -170,7 +170,7 @@ class FedCoLLM(FedAvg):
         score_s = time.perf_counter() - t0
         g = choice_distill_steps(slm.model, slm.tokenizer, pool, scores, steps, d.slm_lr, d.batch_size, d.slm_weight,
                                  d.slm_temp, unit_seed(wb.cfg.run.seed, r, -2), wb.cfg.model.max_length,
-                                 f"FedCoLLM SLM pool r{r}")
+                                 f"FedCoLLM SLM pool r{r}", train=wb.cfg.train)
         budget = record["budget"] + Budget(slm_steps=steps, slm_examples=steps * d.batch_size)
         return (record | {"pool_kd_first": g.losses[0], "pool_kd_last": g.losses[-1], "budget": budget},
                 timing | {"server_kd_s": timing["server_kd_s"] + g.seconds,
@@ -203,10 +203,12 @@ class FedCoLLM(FedAvg):
         to_slm = moved((llm_top, wb.aux_data, wb.tokenizer), slm.public, slm.tokenizer)
         to_llm = slm_to_llm() if d.schedule == "joint" else None
         g_log = distill_steps(slm.model, slm.public, row_targets(to_slm, slm.public.encoded, d.slm_temp),
-                              d.epochs, d.slm_lr, d.batch_size, w_g, seed, f"FedCoLLM aligned KD SLM r{r}")
+                              d.epochs, d.slm_lr, d.batch_size, w_g, seed, f"FedCoLLM aligned KD SLM r{r}",
+                              train=wb.cfg.train)
         to_llm = to_llm or slm_to_llm()  # sequential: the LLM learns from the SLM after its update
         f_log = distill_steps(wb.llm, wb.aux_data, row_targets(to_llm, wb.aux_data.encoded, d.temperature),
-                              d.epochs, d.llm_lr, d.batch_size, w_f, seed, f"FedCoLLM aligned KD LLM r{r}")
+                              d.epochs, d.llm_lr, d.batch_size, w_f, seed, f"FedCoLLM aligned KD LLM r{r}",
+                              train=wb.cfg.train)
         budget = Budget(llm_steps=len(f_log.losses), slm_steps=len(g_log.losses),
                         llm_examples=round(d.epochs * len(wb.aux_data)), slm_examples=round(d.epochs * len(slm.public)))
         aligned = {"llm": aligned_fraction(to_llm.aligned), "slm": aligned_fraction(to_slm.aligned)}

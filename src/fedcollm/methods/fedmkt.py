@@ -33,6 +33,7 @@ from dataclasses import replace
 import torch
 
 from fedcollm.algorithms.training import (
+    PLAIN,
     StepLog,
     choice_distill_steps,
     client_update,
@@ -43,8 +44,8 @@ from fedcollm.algorithms.training import (
 from fedcollm.alignment.exchange import PREFIX, TopK, from_tensors, to_tensors
 from fedcollm.alignment.sequence import SparseTargets, aligned_fraction
 from fedcollm.alignment.transfer import Sender, moved, row_targets, select_targets
-from fedcollm.comm import Payload
-from fedcollm.config import FedMKTConfig, epoch_steps
+from fedcollm.comm import AdapterState, Payload
+from fedcollm.config import FedMKTConfig, TrainConfig, epoch_steps
 from fedcollm.data.batching import SFTData
 from fedcollm.errors import InvalidUpdate
 from fedcollm.evaluate import choice_logprobs
@@ -57,7 +58,7 @@ from fedcollm.methods.base import (
     evaluate_state,
 )
 from fedcollm.methods.federated import evaluate_clients
-from fedcollm.models.lora import AdapterState, adapter_state, load_adapter_state
+from fedcollm.models.lora import adapter_state, load_adapter_state
 
 log = logging.getLogger(__name__)
 def adapter_part(tensors: dict[str, torch.Tensor]) -> AdapterState:
@@ -96,7 +97,7 @@ def transfer_targets(sender: Sender, dst: SFTData, dst_tokenizer, temperature: f
 
 
 def distil_from(model, public: SFTData, own: TopK, teachers: list[TopK], mkt: FedMKTConfig, epochs: int, lr: float,
-                seed: int, desc: str, slm: bool) -> tuple[StepLog, dict]:
+                seed: int, desc: str, slm: bool, train: TrainConfig = PLAIN) -> tuple[StepLog, dict]:
     """Distil `model` on D^a towards the teachers' top-k (already on its answer rows and in its vocabulary), chosen
     per example by `mkt.selection` against its own start-of-round top-k `own`, with the SLM side's or the LLM
     side's weight and temperature; returns the step log and what the record shows (aligned and distilled shares)."""
@@ -104,7 +105,7 @@ def distil_from(model, public: SFTData, own: TopK, teachers: list[TopK], mkt: Fe
     targets = [row_targets(t, public.encoded, temperature) for t in teachers]
     own_targets = row_targets(own, public.encoded, temperature)
     chosen = select_targets(mkt.selection, own.ce, own_targets, torch.stack([t.ce for t in teachers]), targets)
-    steps = distill_steps(model, public, chosen, epochs, lr, mkt.batch_size, weight, seed, desc)
+    steps = distill_steps(model, public, chosen, epochs, lr, mkt.batch_size, weight, seed, desc, train=train)
     aligned = [aligned_fraction(torch.cat([t.aligned for t in per_example])) for per_example in targets]
     return steps, {"aligned_fraction": sum(aligned) / len(aligned),
                    "distilled_fraction": sum(t is not None for t in chosen) / len(chosen)}
@@ -115,7 +116,6 @@ class FedMKT(Method):
 
     name = "fedmkt"
     trains = True
-    scores = ("llm", "slm")
     needs_public = True
 
     def __init__(self, wb):
@@ -165,11 +165,11 @@ class FedMKT(Method):
                                "server")
             own = public_topk(res.slm, res.public, mkt.top_k, len(res.tokenizer), mkt.batch_size)
             steps, info = distil_from(res.slm, res.public, own, [llm_top], mkt, mkt.slm_epochs, mkt.slm_lr, seed,
-                                      f"{res.name} FedMKT distil", slm=True)
+                                      f"{res.name} FedMKT distil", slm=True, train=cfg.train)
             log.debug("%s round %d: distilled on %.0f%% of D^a, loss %.4f", res.name, round_idx,
                       100 * info["distilled_fraction"], steps.mean_loss)
         theta, n, _ = client_update(res.slm, adapter_state(res.slm), res.data, fed.local_epochs, fed.client_lr,
-                                    fed.batch_size, seed)
+                                    fed.batch_size, seed, train=cfg.train)
         top = public_topk(res.slm, res.public, mkt.top_k, len(res.tokenizer), mkt.batch_size)
         return Payload(theta | to_tensors(top), n)
 
@@ -210,7 +210,8 @@ class FedMKT(Method):
         teachers = [moved((uploads[c], wb.held(c).public, wb.held(c).tokenizer), wb.aux_data, wb.tokenizer)
                     for c in sorted(uploads)]
         steps, info = distil_from(wb.llm, wb.aux_data, own, teachers, mkt, mkt.llm_epochs, mkt.llm_lr,
-                                  unit_seed(wb.cfg.run.seed, r, -1), f"FedMKT LLM distil r{r}", slm=False)
+                                  unit_seed(wb.cfg.run.seed, r, -1), f"FedMKT LLM distil r{r}", slm=False,
+                                  train=wb.cfg.train)
         states = states | {"llm": adapter_state(wb.llm)}
         t0 = time.perf_counter()
         self._llm_topk(states)  # what the SLMs learn from (this round, or in the next round's tasks)
@@ -246,7 +247,7 @@ class FedMKT(Method):
                 steps = mkt.slm_epochs * held.public.steps_per_epoch(mkt.batch_size)
                 choice_distill_steps(held.model, held.tokenizer, wb.split.aux, scores["aux"], steps, mkt.slm_lr,
                                      mkt.batch_size, mkt.slm_weight, mkt.slm_temp, seed, max_len,
-                                     f"FedMKT {name} choices r{r}")
+                                     f"FedMKT {name} choices r{r}", train=wb.cfg.train)
                 budget += Budget.slm_epochs(mkt.slm_epochs, len(wb.split.aux), mkt.batch_size)
             elif mkt.slm_epochs:
                 own = uploads.get(name)
@@ -255,13 +256,13 @@ class FedMKT(Method):
                     own = replace(own, ce=topk_ce(own, held.public))
                 teacher = replace(moved((top, wb.aux_data, wb.tokenizer), held.public, held.tokenizer), ce=top.ce)
                 distil_from(held.model, held.public, own, [teacher], mkt, mkt.slm_epochs, mkt.slm_lr, seed,
-                            f"FedMKT {name} distil r{r}", slm=True)
+                            f"FedMKT {name} distil r{r}", slm=True, train=wb.cfg.train)
                 budget += Budget.slm_epochs(mkt.slm_epochs, len(wb.split.aux), mkt.batch_size)
             if mkt.pool_epochs:
                 steps = epoch_steps(mkt.pool_epochs, len(wb.split.pool), mkt.batch_size)
                 choice_distill_steps(held.model, held.tokenizer, wb.split.pool, scores["pool"], steps, mkt.slm_lr,
                                      mkt.batch_size, mkt.slm_weight, mkt.slm_temp, seed + 1, max_len,
-                                     f"FedMKT {name} pool r{r}")
+                                     f"FedMKT {name} pool r{r}", train=wb.cfg.train)
                 budget += Budget(slm_steps=steps, slm_examples=steps * mkt.batch_size)
             states = states | {name: adapter_state(held.model)}
         return states, budget, time.perf_counter() - t0

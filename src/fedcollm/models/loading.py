@@ -198,11 +198,42 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               quantize: str = "none"):
+    """Model `spec` in eval mode on `device`, its weights in `dtype`, or with `quantize` (model.quantize) its base
+    weights in 4 or 8 bits (`quantized`)."""
     from transformers import AutoModelForCausalLM
 
+    if quantize != "none":
+        return quantized(spec, dtype, torch.device(device), quantize)
     model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
     return model.to(device).eval()
+
+
+def quantized(spec: str, dtype: torch.dtype, device: torch.device, quantize: str):
+    """Model `spec` with its linear layers' weights in 4bit (NF4, double-quantized, computing in `dtype`) or 8bit
+    (LLM.int8) through bitsandbytes, prepared for k-bit training as QLoRA is (peft: every weight frozen, the layers
+    left unquantized in fp32). Without bitsandbytes, or on a device it does not support, one line says so."""
+    from importlib.util import find_spec
+
+    missing = [name for name in ("bitsandbytes", "accelerate") if find_spec(name) is None]
+    if missing:
+        raise ModelError(f"model.quantize = {quantize} needs {' and '.join(missing)} (not installed here): pip "
+                         f"install 'fedcollm[quant]', or set model.quantize = none")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype) if quantize == "4bit"
+              else BitsAndBytesConfig(load_in_8bit=True))
+    try:
+        model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype, quantization_config=config,
+                                 device_map={"": str(device)})
+    except (ImportError, RuntimeError, ValueError) as err:  # transformers' answers to an unsupported platform
+        raise ModelError(f"model.quantize = {quantize}: bitsandbytes cannot load model {spec} on {device} here "
+                         f"({str(err).splitlines()[0]}); set model.quantize = none, or use a device it supports "
+                         f"(CUDA)") from err
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False).eval()
 
 
 def registry_tokenizer(name: str):

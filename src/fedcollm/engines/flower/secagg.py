@@ -27,8 +27,8 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
+from fedcollm.comm import AdapterState
 from fedcollm.config import SECAGG_MAX_MODULUS, SecAggConfig
-from fedcollm.models.lora import AdapterState
 
 log = logging.getLogger(__name__)
 CLIPPED = "secagg_clipped"  # FitRes metric: how many entries the client's clip to +-clipping_range changed

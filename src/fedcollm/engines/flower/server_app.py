@@ -21,8 +21,8 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedcollm.cli import load_config, resume_experiment, run_experiment
 from fedcollm.engines.flower.transport import FlowerTransport
+from fedcollm.experiment import load_config, resume_experiment, run_experiment
 
 log = logging.getLogger(__name__)
 app = ServerApp()

@@ -6,7 +6,8 @@ messages). This worker takes the place of the SuperExec + `flwr-clientapp` pair 
 spawn: it acquires ClientApp tasks from the SuperNode's runtime API and runs each in this one process, so the
 ClientApp's per-run cache (SLM, shard) lives across rounds. It runs Flower's own task steps (pull the input,
 call the app, push the reply and the context) minus the process exit. Written by hand because Flower has no
-long-lived ClientApp runner; it uses runtime-API helpers of the pinned flwr==1.42.0.
+long-lived ClientApp runner; it uses runtime-API helpers of the pinned flwr==1.42.0, private to Flower and
+imported here alone (tests/test_structure.py names any that an upgrade moved; see docs/flower-1.42-notes.md).
 
 It serves only the fedcollm ClientApp: it is the client's code, installed on the client's machine, exactly like
 the app a SuperNode would load from the FAB.
@@ -19,8 +20,7 @@ import logging
 import signal
 import time
 
-from flwr.app import Context, Message
-from flwr.app.error import Error
+from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.common.serde import context_from_proto
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
