@@ -89,3 +89,22 @@ def test_ratio_interval_brackets_the_corpus_ratio_and_paired_distribution_centre
     assert abs(dist.mean() - (a - b).mean()) < 0.01
     with pytest.raises(ValueError, match="same items"):
         paired_distribution(a, b[:10])
+
+
+def test_the_report_gives_each_gain_its_paired_interval_over_the_same_items():
+    from fedcollm.report import _verdicts, paired_differences
+
+    block = lambda correct: {"arc_easy": {"acc": correct.count("1") / len(correct), "correct": correct}}  # noqa: E731
+    ours, theirs = "1101101111" * 20, "1001001011" * 20  # 160 vs 100 right of 200: +30 points
+    finals = {"fedcollm": {"llm": block(ours), "slm": block(ours)},
+              "zero_shot": {"llm": block(theirs), "slm": block(theirs)},
+              "standalone": {"slm": {}, "slm_clients": {"client_0": block(ours), "client_1": block(theirs)}}}
+    paired = paired_differences(finals, ["arc_easy"])
+    llm = paired["llm"]["zero_shot"]["arc_easy"]
+    assert llm["n"] == 200 and llm["difference"] == pytest.approx(0.30)
+    assert 0 < llm["ci95"][0] < 0.30 < llm["ci95"][1]
+    assert paired["slm"]["standalone"]["arc_easy"]["difference"] == pytest.approx(0.15)  # mean over its clients
+    results = {"tasks": ["arc_easy"], "paired": paired,
+               "llm": {m: {"arc_easy": f["llm"]["arc_easy"]["acc"]} for m, f in finals.items() if "llm" in f}}
+    line = _verdicts(results, "llm")[0]
+    assert "+30.0 points" in line and f"[{100 * llm['ci95'][0]:+.1f}, {100 * llm['ci95'][1]:+.1f}] on 200 items" in line

@@ -15,6 +15,7 @@ from fedcollm.fileio import (
 )
 from fedcollm.methods import REGISTRY, headline
 from fedcollm.runs import RunDir
+from fedcollm.stats import item_outcomes, paired_difference
 
 TIMING_KEYS = ("round_s", "client_train_s", "aggregate_s", "server_kd_s", "eval_s", "checkpoint_s", "kd_step_s")
 
@@ -93,6 +94,7 @@ def build_results(run: RunDir, setting: dict, communication: dict, extra_timing:
     any_final = next(iter(finals.values()), {})
     any_block = next(iter(any_final.values()), {}) if any_final else {}
     results["n_eval"] = {t: any_block[t]["n"] for t in everything if t in any_block}
+    results["paired"] = paired_differences(finals, tasks)
     results["budget"] = {m: training_budget(run, m) for m in finals}
     results["communication"] = communication
     results["timing"] = round_timing(run, headline() if headline() in finals else None) | (extra_timing or {})
@@ -100,6 +102,32 @@ def build_results(run: RunDir, setting: dict, communication: dict, extra_timing:
     if any(spent.values()):
         results["dp"] = {m: s for m, s in spent.items() if s}
     return results
+
+
+def _item_outcomes(final: dict, which: str, task: str):
+    """Per-item correctness of a model on a choice task (Standalone's SLM: averaged over its clients), or None."""
+    blocks = list(final.get("slm_clients", {}).values()) if which == "slm" and "slm_clients" in final else \
+        [final.get(which, {})]
+    correct = [b[task]["correct"] for b in blocks if "correct" in b.get(task, {})]
+    return item_outcomes(correct) if correct and len(correct) == len(blocks) else None
+
+
+def paired_differences(finals: dict[str, dict], tasks: list[str]) -> dict:
+    """The method under study against each baseline, per model and choice task: the accuracy difference on the
+    same items with its paired-bootstrap 95 % interval, so that a table's gain says how far it is from noise."""
+    name, out = headline(), {}
+    for which in ("llm", "slm"):
+        for base in table_rows(which):
+            if name not in finals or base == name or base not in finals:
+                continue
+            for task in tasks:
+                ours, theirs = _item_outcomes(finals[name], which, task), _item_outcomes(finals[base], which, task)
+                if ours is None or theirs is None or ours.shape != theirs.shape:
+                    continue
+                diff, (lo, hi), _ = paired_difference(ours, theirs)
+                out.setdefault(which, {}).setdefault(base, {})[task] = {"difference": diff, "ci95": [lo, hi],
+                                                                        "n": len(ours)}
+    return out
 
 
 def dp_spent(run: RunDir, method: str) -> dict | None:
@@ -154,8 +182,12 @@ def _verdicts(results: dict, which: str) -> list[str]:
         wins = [t for t in common if ours[t] > theirs[t]]
         losses = [t for t in common if ours[t] < theirs[t]]
         d = 100 * sum(ours[t] - theirs[t] for t in common) / len(common)
+        paired = results.get("paired", {}).get(which, {}).get(base, {})
+        intervals = "; ".join(f"{t} {100 * p['difference']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
+                              f" on {p['n']} items" for t, p in paired.items())
         out.append(f"- {which.upper()} {REGISTRY[name].title} vs {REGISTRY[base].title}: {d:+.1f} points on average; better on "
-                   f"{', '.join(wins) or 'no task'}; worse on {', '.join(losses) or 'no task'}.")
+                   f"{', '.join(wins) or 'no task'}; worse on {', '.join(losses) or 'no task'}."
+                   + (f" Paired-bootstrap 95 % interval over items: {intervals}." if intervals else ""))
     return out
 
 
