@@ -179,6 +179,12 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def headline(found: list[dict]) -> dict:
+    """The issue's figures: checkpointing on against off for one server distillation step, without accumulation."""
+    row = next(r for r in found if r["step"] == "distill" and not r["micro_batch_size"] and r["autocast"] == "off")
+    return {k: row[k] for k in ("activation_memory_ratio", "step_time_ratio")}
+
+
 def table(rows: list[dict], found: list[dict]) -> str:
     lines = [f"{'step':8s} {'ckpt':4s} {'micro':>5s} {'autocast':8s} {'weights MB':>10s} {'activ. MB':>10s} "
              f"{'peak MB':>9s} {'step s':>8s}"]
@@ -227,7 +233,8 @@ def main() -> None:
     setting = {k: getattr(args, k) for k in ("device", "llm", "slm", "dtype", "batch", "micro", "seq", "answer",
                                              "steps")} | {"lora": vars(LoraConfig())}
     gpu = {"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {}
-    result = {"setting": setting, "machine": machine() | gpu, "arms": rows, "ratios": found, "goal": GOAL}
+    result = {"setting": setting, "machine": machine() | gpu, **headline(found), "arms": rows, "ratios": found,
+              "goal": GOAL}
     out = Path(args.out or HERE / "results" / f"scale-{'gpu' if args.device == 'cuda' else 'cpu'}" / "results.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
