@@ -22,6 +22,7 @@ from fedcollm.data.batching import encode_pair, token_groups
 from fedcollm.data.tasks import Example, MCExample
 from fedcollm.errors import ConfigError
 from fedcollm.generation import Decoding, evaluate_generation
+from fedcollm.models.modes import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,6 @@ def choice_logprobs(model, tokenizer, examples: list[MCExample], max_length: int
     return score_requests(model, requests, tokenizer.pad_token_id, batch_size, batch_tokens, desc)
 
 
-@torch.no_grad()
 def score_requests(model, requests: list[tuple[list[int], list[list[int]]]], pad_id: int, batch_size: int,
                    batch_tokens: int | None = None, desc: str = "eval") -> list[list[float]]:
     """`packed_choice_logprobs` of every request, in eval mode, at most batch_size items and batch_tokens packed
@@ -128,12 +128,10 @@ def score_requests(model, requests: list[tuple[list[int], list[list[int]]]], pad
     a token bound keeps long items from exploding memory."""
     lengths = [len(ctx) + sum(map(len, conts)) for ctx, conts in requests]
     scores: list[list[float]] = [[] for _ in requests]
-    was_training = model.training
-    model.eval()
-    for group in tqdm(token_groups(lengths, batch_size, batch_tokens), desc=desc, leave=False):
-        for i, sums in zip(group, packed_choice_logprobs(model, [requests[i] for i in group], pad_id)):
-            scores[i] = sums.tolist()
-    model.train(was_training)
+    with evaluating(model):
+        for group in tqdm(token_groups(lengths, batch_size, batch_tokens), desc=desc, leave=False):
+            for i, sums in zip(group, packed_choice_logprobs(model, [requests[i] for i in group], pad_id)):
+                scores[i] = sums.tolist()
     return scores
 
 

@@ -27,6 +27,7 @@ from fedcollm.data.batching import (
 from fedcollm.data.tasks import GenExample
 from fedcollm.errors import ConfigError
 from fedcollm.metrics import score_text
+from fedcollm.models.modes import evaluating
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,6 @@ def _ending(ids: list[int], tokenizer, stop: list[str], ends: set[int]) -> int:
     return len(ids)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop: list[str], batch_size: int,
              decoding: Decoding = Decoding(), desc: str = "generate",
              batch_tokens: int | None = None) -> list[Generated]:
@@ -97,30 +97,27 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, st
                               **({"temperature": decoding.temperature, "top_p": decoding.top_p, "top_k": 0}
                                  if decoding.sample else {}))
     out: list[Generated | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    start = 0  # prompts before this chunk, longest first: seeds the chunk's sampling
-    for chunk in tqdm(token_groups([len(p) + max_new_tokens for p in prompts], batch_size, batch_tokens), desc=desc,
-                      leave=False):
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
-        if decoding.sample:
-            torch.manual_seed(decoding.seed * 1_000_003 + start)
-        new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             tokenizer=tokenizer)[:, width:].tolist()
-        for row, i in enumerate(chunk):
-            ids = new[row][:_ending(new[row], tokenizer, stop, ends)]
-            out[i] = Generated(_cut(tokenizer.decode(ids, skip_special_tokens=True), stop), ids)
-        start += len(chunk)
-    model.train(was_training)
+    with evaluating(model):
+        start = 0  # prompts before this chunk, longest first: seeds the chunk's sampling
+        for chunk in tqdm(token_groups([len(p) + max_new_tokens for p in prompts], batch_size, batch_tokens), desc=desc,
+                          leave=False):
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            if decoding.sample:
+                torch.manual_seed(decoding.seed * 1_000_003 + start)
+            new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                                 tokenizer=tokenizer)[:, width:].tolist()
+            for row, i in enumerate(chunk):
+                ids = new[row][:_ending(new[row], tokenizer, stop, ends)]
+                out[i] = Generated(_cut(tokenizer.decode(ids, skip_special_tokens=True), stop), ids)
+            start += len(chunk)
     return out
 
 
-@torch.no_grad()
 def response_nll(model, tokenizer, examples: list[GenExample], max_length: int, batch_size: int,
                  batch_tokens: int | None = None) -> list[tuple[float, int, bool]]:
     """(summed negative log-likelihood, token count, whether max_length cut prompt or response) of each example's
@@ -129,15 +126,13 @@ def response_nll(model, tokenizer, examples: list[GenExample], max_length: int, 
     encoded = [fit_response(prompt, answer, max_length) for prompt, answer in parts]
     device = next(model.parameters()).device
     out: list[tuple[float, int, bool]] = [(0.0, 0, False)] * len(encoded)
-    was_training = model.training
-    model.eval()
-    for chunk in token_groups([len(ids) for ids, _ in encoded], batch_size, batch_tokens):
-        batch = collate([encoded[i] for i in chunk], tokenizer.pad_token_id).to(device)
-        nll = F.cross_entropy(answer_logits(model, batch).transpose(1, 2), batch.targets, reduction="none")
-        nll = (nll * batch.target_mask).sum(1).tolist()
-        for row, i in enumerate(chunk):
-            out[i] = (nll[row], encoded[i][1], sum(map(len, parts[i])) > max_length)
-    model.train(was_training)
+    with evaluating(model):
+        for chunk in token_groups([len(ids) for ids, _ in encoded], batch_size, batch_tokens):
+            batch = collate([encoded[i] for i in chunk], tokenizer.pad_token_id).to(device)
+            nll = F.cross_entropy(answer_logits(model, batch).transpose(1, 2), batch.targets, reduction="none")
+            nll = (nll * batch.target_mask).sum(1).tolist()
+            for row, i in enumerate(chunk):
+                out[i] = (nll[row], encoded[i][1], sum(map(len, parts[i])) > max_length)
     return out
 
 

@@ -38,6 +38,7 @@ from fedcollm.distill.losses import (
 )
 from fedcollm.errors import ConfigError
 from fedcollm.evaluate import choice_requests, packed_choice_logprobs
+from fedcollm.models.modes import evaluating
 
 PLAIN = TrainConfig()  # every [train] knob off: each path steps as it did before they existed
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}  # transformers' names
@@ -221,20 +222,6 @@ class DistillLog(StepLog):
     step_seconds: list[float] = field(default_factory=list)
 
 
-@contextmanager
-def _evaluating(*models):
-    """Models in eval mode (LoRA dropout off) without gradients, each back to its mode after: teacher outputs."""
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-
-
 def mutual_distill_step(llm, slm, batch: AnswerBatch, stepper: Stepper, kd_weight: float, temperature: float,
                         direction: str, top_k: int, *, teacher_eval: bool = False, slm_kd_weight: float | None = None,
                         slm_temperature: float | None = None) -> dict[str, float]:
@@ -244,7 +231,7 @@ def mutual_distill_step(llm, slm, batch: AnswerBatch, stepper: Stepper, kd_weigh
     def loss_of(part: AnswerBatch, shares: tuple[float, ...]) -> tuple[torch.Tensor, dict]:
         teachers = {}
         if teacher_eval:
-            with _evaluating(llm, slm):
+            with evaluating(llm, slm):
                 teachers = {"llm_teacher": answer_logits(llm, part), "slm_teacher": answer_logits(slm, part)}
         loss_f, loss_g, stats = mutual_losses(answer_logits(llm, part), answer_logits(slm, part), part.targets,
                                               part.target_mask, kd_weight, temperature, direction, top_k,
@@ -283,7 +270,7 @@ def one_way_distill(student, teacher, aux: SFTData, steps: int, kd_weight: float
     """`steps` steps of CE + lambda * KL of `student` towards the fixed `teacher` (scored in eval mode, no
     gradient) on D^a: one half of FATE-LLM's sequential FedCoLLM schedule."""
     def loss_of(part: AnswerBatch, shares: tuple[float, ...]) -> tuple[torch.Tensor, dict]:
-        with _evaluating(teacher):
+        with evaluating(teacher):
             target = answer_logits(teacher, part)
         loss, _ = one_way_loss(answer_logits(student, part), target, part.targets, part.target_mask, kd_weight,
                                temperature, direction, top_k)
