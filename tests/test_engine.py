@@ -66,12 +66,14 @@ def test_resume_equals_uninterrupted(make_workbench, tmp_path):
 def test_adapters_load_with_peft(make_workbench, tmp_path):
     from peft import PeftModel
 
+    from fedcollm.models.lora import peft_wrapping
     from fedcollm.models.tiny import tiny_pair
 
     wb = make_workbench(str(tmp_path))
     run_method(wb, "fedcollm", RunDir(tmp_path))
     _, slm = tiny_pair(seed=0)
-    loaded = PeftModel.from_pretrained(slm, tmp_path / "fedcollm" / "round_002" / "slm")
+    with peft_wrapping():
+        loaded = PeftModel.from_pretrained(slm, tmp_path / "fedcollm" / "round_002" / "slm")
     saved = RunDir(tmp_path).load_round("fedcollm", 2, {"slm": wb.slm_init})["slm"]
     from peft import get_peft_model_state_dict
     got = get_peft_model_state_dict(loaded)

@@ -29,6 +29,7 @@ def _digest(run: Path, parts: list[str]) -> dict[str, str]:
 def _args(out: Path, data_dir: str, *extra: str) -> list[str]:
     return ["run", "--out", str(out), "--set", f"data.data_dir='{data_dir}'", "--set", "data.tasks=['arc_easy']",
             "--set", "data.train_per_task=24", "--limit", "6", "--set", "run.round_eval_limit=3",
+            "--set", "run.eval_every=1",
             "--set", "federation.clients=2", "--set", "distill.epochs=1", "--set", "model.max_length=64",
             "--set", "model.lora.dropout=0.0", "--set", "run.methods=['zero_shot','fedcollm']", *extra]
 
