@@ -56,7 +56,7 @@ def cmd_eval(args) -> None:
     sets = {t: load_scored_split(t, spec, cfg.data) for t, spec in cfg.task_specs().items()}
     device = resolve_device(cfg.model.device)
     model_dir = resolve_model_dir(args.model, cfg.derive, cfg.data.data_dir)
-    model = load_model(model_dir, resolve_dtype(cfg.model.dtype, device, model_dir), device)
+    model = load_model(model_dir, resolve_dtype(cfg.model.dtype, device, model_dir), device, cfg.model.quantize)
     if args.adapter:
         model = load_peft_adapter(model, Path(args.adapter))
     tokenizer = load_tokenizer(model_dir)
